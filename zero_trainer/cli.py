@@ -1,0 +1,99 @@
+"""`zero-trainer` (and `python -m zero_trainer`): train, plan, export, doctor.
+
+`train` checks everything it can in this process, then hands the ranks to DeepSpeed's own launcher.
+"""
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(args, recipe_path: str) -> list[str]:
+    import torch
+
+    deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed"]
+    if torch.cuda.is_available():
+        if args.num_procs:
+            cmd += ["--num_gpus", str(args.num_procs)]
+    else:  # CPU ranks: one unless asked for more
+        cmd += ["--num_gpus", str(args.num_procs or 1)]
+    cmd += ["--master_port", str(args.master_port or free_port()), "--module", "zero_trainer.train",
+            "--recipe", recipe_path]
+    for flag in ("ds_config", "output_dir", "nvme_path"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag.replace('_', '-')}", value]
+    if args.resume:
+        cmd.append("--resume")
+    return cmd + list(args.overrides)
+
+
+def run_launcher(cmd: list[str]) -> int:
+    """Run the deepspeed launcher; SIGTERM/SIGINT to us reach it (it forwards them to every rank)."""
+    proc = subprocess.Popen(cmd, start_new_session=False)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
+def cmd_train(args) -> int:
+    from .ds_config import preflight
+    from .train import recipe_from_args
+
+    recipe = recipe_from_args(args)
+    world_size = args.num_procs or _local_device_count()
+    preflight(recipe, world_size=world_size)
+    recipe_path = str(Path(recipe["recipe_path"]).resolve())
+    cmd = launcher_command(args, recipe_path)
+    print("launching: " + " ".join(cmd), flush=True)
+    return run_launcher(cmd)
+
+
+def _local_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import build_parser as train_parser
+
+    p = argparse.ArgumentParser(prog="zero-trainer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", parents=[train_parser()], add_help=False,
+                       help="train a recipe through the deepspeed launcher on local resources")
+    t.add_argument("--num-procs", type=int, help="ranks on this machine (default: all GPUs; 1 on CPU)")
+    t.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "num_procs", None) is not None and args.num_procs < 1:
+            raise UsageError(f"--num-procs {args.num_procs} is invalid", "--num-procs", "use a whole number >= 1")
+        return args.func(args)
+    except UsageError as err:
+        print(err.line(), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""A Llama-architecture causal LM (RMSNorm, RoPE, GQA, SwiGLU) on transformers' PreTrainedModel.
+
+Parameter names match `transformers.LlamaForCausalLM`, so a state_dict moves between the two unchanged and
+save_pretrained / from_pretrained / generate come from transformers. Nothing here knows about DeepSpeed.
+"""
+
+import copy
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+def _shape(hidden, ffn, layers, heads, kv_heads, vocab, tied, max_pos):
+    return dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied,
+                max_position_embeddings=max_pos)
+
+
+# Shapes only (ZeroLMConfig kwargs); optimisation knobs live in recipes. Sizes are unique params, tied counted once.
+PRESETS: dict[str, dict] = {
+    "debug": _shape(hidden=128, ffn=352, layers=4, heads=4, kv_heads=2, vocab=2048, tied=True, max_pos=512),  # 1.0M
+    "minimind-26m": _shape(hidden=512, ffn=1408, layers=8, heads=8, kv_heads=2, vocab=6400, tied=True, max_pos=8192),
+    "minimind-104m": _shape(hidden=768, ffn=2048, layers=16, heads=8, kv_heads=2, vocab=6400, tied=True,
+                            max_pos=8192),
+    # Llama-3.2-1B / 3B shapes with Llama-2's 32k vocabulary: 1.04B / 2.92B
+    "1b": _shape(hidden=2048, ffn=8192, layers=16, heads=32, kv_heads=8, vocab=32000, tied=True, max_pos=8192),
+    "3b": _shape(hidden=3072, ffn=8192, layers=28, heads=24, kv_heads=8, vocab=32000, tied=True, max_pos=8192),
+    # Llama-2 shapes: 6.74B / 13.0B / 68.98B
+    "7b": _shape(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000, tied=False, max_pos=4096),
+    "13b": _shape(hidden=5120, ffn=13824, layers=40, heads=40, kv_heads=40, vocab=32000, tied=False, max_pos=4096),
+    "70b": _shape(hidden=8192, ffn=28672, layers=80, heads=64, kv_heads=8, vocab=32000, tied=False, max_pos=4096),
+}
+
+
+class ZeroLMConfig(PretrainedConfig):
+    # transformers 5 configs are dataclasses: annotated class attributes are the fields (names as in LlamaConfig).
+    # Defaults are the `debug` shape, so a bare ZeroLMConfig() is cheap to build.
+    model_type = "zero_lm"
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # None means plain multi-head attention
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    use_cache: bool = False  # no KV cache: generate() re-runs the whole prefix each step
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
+                             f"num_key_value_heads {self.num_key_value_heads} must divide evenly")
+
+    def to_llama_config(self) -> LlamaConfig:
+        same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+        # transformers 5 keeps rope_theta inside rope_parameters rather than as a top-level field
+        return LlamaConfig(**{k: getattr(self, k) for k in same},
+                           rope_parameters={"rope_type": "default", "rope_theta": float(self.rope_theta)},
+                           head_dim=self.hidden_size // self.num_attention_heads, hidden_act="silu",
+                           attention_bias=False, mlp_bias=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares overflow/underflow), scale in the input dtype, as Llama does
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(positions, cfg: ZeroLMConfig, dtype):
+    # computed per forward instead of cached: nothing to persist, and it is correct after meta -> real materialisation
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim), broadcast over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # rotate the two halves (not interleaved pairs): the layout HF Llama checkpoints were permuted into
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA: each kv head serves n_head / n_kv_head query heads
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    # GradientCheckpointingLayer wraps forward in torch.utils.checkpoint once activation checkpointing is enabled
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):  # exists for the `model.` prefix in Llama's parameter names
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = ZeroLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    # transformers 5 format: {tied parameter: its source}; applied only when config.tie_word_embeddings
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ZeroLMConfig):
+        super().__init__(config)
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()  # init weights (skipped on meta) and tie lm_head to embed_tokens
+
+    def _init_weights(self, module):
+        # transformers' init_* skip tensors already loaded by from_pretrained
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
+        mask = None  # None -> SDPA's is_causal fast path
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # padded batch: causal AND real key; a pad query with no real key would softmax to NaN, so it sees itself
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = (causal & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        logits = self.lm_head(self.model.norm(x))
+        loss = None
+        if labels is not None:
+            # HF convention: labels are the inputs, shifted here; fp32 so the log-softmax is stable under bf16
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+# exist_ok: a second import (e.g. under another module name) re-registers instead of raising; the latest wins
+AutoConfig.register(ZeroLMConfig.model_type, ZeroLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(ZeroLMConfig, ZeroLMForCausalLM, exist_ok=True)
+
+
+def model_config(preset_or_config, **overrides) -> PretrainedConfig:
+    """A preset name, a config, a dict of ZeroLMConfig kwargs, or a local config.json (file or folder)."""
+    src = preset_or_config
+    if isinstance(src, str) and src in PRESETS:
+        src = PRESETS[src]
+    if isinstance(src, dict):
+        kwargs = {**src, **overrides}
+        # ZeroLMConfig would keep a misspelt key as a stray attribute; recipes are data, so fail loudly instead
+        if unknown := set(kwargs) - {f.name for f in dataclasses.fields(ZeroLMConfig)}:
+            raise ValueError(f"unknown ZeroLMConfig field(s): {', '.join(sorted(unknown))}")
+        return ZeroLMConfig(**kwargs)
+    if isinstance(src, (str, os.PathLike)):
+        if not os.path.exists(src):
+            raise ValueError(f"unknown model preset '{src}'; choose one of: {', '.join(PRESETS)} "
+                             "(or give a dict, a config, or a local config.json)")
+        src = AutoConfig.from_pretrained(src, trust_remote_code=False, local_files_only=True)
+    elif not isinstance(src, PretrainedConfig):
+        raise TypeError(f"expected a preset name, dict, config or path, got {type(src).__name__}")
+    if type(src) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"model_type '{src.model_type}' is not a causal LM in transformers' "
+                         "MODEL_FOR_CAUSAL_LM_MAPPING")
+    cfg = copy.deepcopy(src)
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"{type(cfg).__name__} has no field '{key}'")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_model(preset_or_config, **overrides) -> nn.Module:
+    """Random-init model; under `with torch.device("meta"):` it allocates nothing."""
+    cfg = model_config(preset_or_config, **overrides)
+    if isinstance(cfg, ZeroLMConfig):
+        # _from_config, like AutoModel.from_config, honours a live HfDeepSpeedConfig: at ZeRO-3 it builds
+        # under deepspeed.zero.Init and initialises the gathered weights.
+        return ZeroLMForCausalLM._from_config(cfg)
+    return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+
+
+def count_params(preset_or_config, **overrides) -> int:
+    """Unique parameters (tied embeddings counted once), from a meta-device build."""
+    with torch.device("meta"):
+        model = build_model(preset_or_config, **overrides)
+    return sum(p.numel() for p in model.parameters())

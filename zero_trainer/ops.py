@@ -1,0 +1,91 @@
+"""DeepSpeed's JIT-built C++ ops on this machine: build them once, and never hang on a stale build lock.
+
+torch's cpp_extension guards each build with `<extensions dir>/<op>/lock`, created with O_EXCL and held open
+by the building process until it finishes. A build killed midway leaves the file behind and every later run
+waits on it forever, printing nothing. A lock that no live process holds open is therefore stale.
+"""
+
+import os
+from pathlib import Path
+
+# The ops zero_trainer's configs use on a CPU-only machine: the optimizers and the shm all-reduce DeepSpeed
+# loads at start-up; async_io only for NVMe offload (needs libaio).
+CPU_OPS = ("FusedAdamBuilder", "CPUAdamBuilder")
+NVME_OPS = ("AsyncIOBuilder",)
+
+
+def torch_extensions_dir() -> Path:
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "torch_extensions"
+
+
+def build_locks(root: Path | None = None) -> list[Path]:
+    root = root or torch_extensions_dir()
+    if not root.is_dir():
+        return []
+    return sorted(set(root.glob("*/lock")) | set(root.glob("*/*/lock")))
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """PIDs of live processes that hold `lock` open (the builder keeps its O_EXCL fd until done)."""
+    target, pids = str(lock.resolve()), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == target:
+                    pids.append(int(proc.name))
+                    break
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return pids
+
+
+def stale_locks(root: Path | None = None) -> list[Path]:
+    return [lock for lock in build_locks(root) if not lock_holders(lock)]
+
+
+def clear_stale_locks(root: Path | None = None, say=print) -> list[Path]:
+    removed = []
+    for lock in stale_locks(root):
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            continue
+        say(f"removed stale JIT build lock {lock} (no process was building)")
+        removed.append(lock)
+    return removed
+
+
+def libaio_available() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return bool(AsyncIOBuilder().is_compatible(verbose=False))
+
+
+def build_ops(nvme: bool = True, say=print) -> dict[str, str]:
+    """JIT-build (or load from cache) the ops our configs use. Returns {op: 'ok' | reason}."""
+    import deepspeed.ops.op_builder as builders
+
+    clear_stale_locks(say=say)
+    results = {}
+    for name in CPU_OPS + (NVME_OPS if nvme else ()):
+        builder = getattr(builders, name)()
+        if not builder.is_compatible(verbose=False):
+            results[builder.name] = "not buildable here (missing system library?)"
+            continue
+        try:
+            builder.load(verbose=False)
+            results[builder.name] = "ok"
+        except Exception as err:  # report, don't crash: the runs that need the op will say more
+            results[builder.name] = f"build failed: {str(err).splitlines()[0][:200]}"
+        say(f"{builder.name}: {results[builder.name]}")
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    status = build_ops(nvme="--no-nvme" not in sys.argv)
+    sys.exit(0 if all(v == "ok" for v in status.values()) else 1)

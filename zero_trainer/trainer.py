@@ -1,0 +1,182 @@
+"""The thin trainer: recipe -> data -> ds config -> engine -> loop -> summary. One process per rank."""
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .data import BatchSampler, prepare_data
+from .ds_config import load_ds_config, resolve_auto_values, zero_stage
+from .model import build_model, model_config
+
+
+def model_source(recipe: dict):
+    return recipe["model"]["config"] or recipe["model"]["preset"]
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("ZERO_TRAINER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zero_trainer")
+
+
+def set_cpu_threads() -> None:
+    """N ranks on C cores: give each rank C/N threads, else they oversubscribe and everything crawls."""
+    import deepspeed
+
+    if deepspeed.get_accelerator().device_name() != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+class Run:
+    """What the loop needs, built once: engine, data, sampler, and the resolved settings."""
+
+    def __init__(self, recipe: dict):
+        import deepspeed
+        import deepspeed.comm as dist
+        from transformers.integrations import HfDeepSpeedConfig
+
+        set_cpu_threads()
+        deepspeed.init_distributed()
+        self.recipe, train = recipe, recipe["train"]
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.out = Path(recipe["output_dir"])
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.rss_before_model = metrics.current_rss_bytes()
+
+        self.model_cfg = model_config(model_source(recipe))
+        self.data = prepare_data(recipe["data"], vocab_size=self.model_cfg.vocab_size,
+                                 seq_len=recipe["data"]["seq_len"], seed=train["seed"],
+                                 cache_dir=recipe["data"]["cache_dir"] or default_cache_dir())
+        self.ds_name, raw = load_ds_config(recipe["deepspeed"]["config"])
+        with torch.device("meta"):
+            meta = build_model(self.model_cfg)
+        self.params = sum(p.numel() for p in meta.parameters())
+        self.ds_config = resolve_auto_values(
+            raw, recipe, world_size=self.world_size, hidden_size=self.model_cfg.hidden_size,
+            largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out))
+        del meta
+
+        torch.manual_seed(train["seed"])
+        # With a live HfDeepSpeedConfig at stage 3, transformers builds the model under deepspeed.zero.Init
+        # (each rank allocates only its shard) and initialises the weights gathered, rank 0 deciding.
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
+        model = build_model(self.model_cfg)
+        if train["activation_checkpointing"]:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config,
+                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+        self.device = self.engine.device
+        self.sampler = BatchSampler(len(self.data.train), train["micro_batch"], self.rank, self.world_size,
+                                    train["seed"])
+        self.tokens_per_step = train["micro_batch"] * train["grad_accum"] * self.world_size * recipe["data"]["seq_len"]
+
+    def batch(self, blocks: np.ndarray, indices) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(blocks[np.sort(indices)], dtype=np.int64)).to(self.device)
+
+    def mean_over_ranks(self, value: float) -> float:
+        import deepspeed.comm as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def max_over_ranks(self, value: int) -> int:
+        import deepspeed.comm as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def train_step(run: Run, step: int) -> float:
+    """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss."""
+    accum, engine, losses = run.recipe["train"]["grad_accum"], run.engine, []
+    for micro in range(accum):
+        x = run.batch(run.data.train, run.sampler.indices(step * accum + micro))
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float().item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over held-out blocks; each rank reads its own blocks, every rank runs the same forwards."""
+    train, blocks = run.recipe["train"], run.data.eval
+    micro, total = train["micro_batch"], 0.0
+    run.engine.eval()
+    for b in range(train["eval_batches"]):
+        idx = (np.arange(micro) + (b * run.world_size + run.rank) * micro) % len(blocks)
+        x = run.batch(blocks, idx)
+        total += run.engine(input_ids=x, labels=x).loss.float().item()
+    run.engine.train()
+    return run.mean_over_ranks(total / train["eval_batches"])
+
+
+@torch.no_grad()
+def sample_text(run: Run, num_tokens: int) -> str:
+    """Greedy continuation of a held-out prompt; all ranks run it (ZeRO-3 gathers weights in forward)."""
+    prompt = run.batch(run.data.eval, [0])[:, :16]
+    run.engine.eval()
+    ids = prompt
+    for _ in range(num_tokens):
+        logits = run.engine(input_ids=ids[:, -run.recipe["data"]["seq_len"]:]).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    run.engine.train()
+    tok = run.data.tokenizer
+    return tok.decode(prompt[0].tolist()) + " ⟶ " + tok.decode(ids[0, prompt.shape[1]:].tolist())
+
+
+def run_training(recipe: dict, resume: bool = False) -> dict:
+    t0 = time.time()
+    run = Run(recipe)
+    train, is_main = recipe["train"], run.rank == 0
+    log = metrics.MetricsLog(run.out / "metrics.csv") if is_main else None
+    bar = metrics.progress_bar(train["max_steps"], enabled=is_main)
+    losses, eval_loss, tokens, train_s = [], None, 0, 0.0
+    for step in range(train["max_steps"]):
+        lr = run.engine.get_lr()[0]
+        t = time.time()
+        loss = run.mean_over_ranks(train_step(run, step))
+        step_s = time.time() - t
+        train_s += step_s
+        losses.append(loss)
+        tokens += run.tokens_per_step
+        if train["eval_every"] and (step + 1) % train["eval_every"] == 0 and step + 1 < train["max_steps"]:
+            eval_loss = evaluate(run)
+        if is_main and ((step + 1) % train["log_every"] == 0 or step + 1 == train["max_steps"]):
+            row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
+                   "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
+                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": eval_loss}
+            log.write(row)
+            bar.set_postfix(metrics.bar_fields(row), refresh=False)
+        bar.update(1)
+    bar.close()
+    eval_loss = evaluate(run)
+    sample = sample_text(run, train["sample_tokens"]) if train["sample_tokens"] else ""
+    peak = run.max_over_ranks(metrics.peak_memory_bytes())
+    wall = time.time() - t0
+    summary = {
+        "params": run.params, "world_size": run.world_size, "ds_config_name": run.ds_name,
+        "ds_config": run.ds_config, "precision": train["precision"], "zero_stage": zero_stage(run.ds_config),
+        "model": model_source(recipe), "steps": len(losses), "tokens": tokens,
+        "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+        "tokens_per_s": tokens / train_s,
+        "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
+        "wall_s": wall, "losses": losses, "sample": sample, "recipe": recipe,
+    }
+    if is_main:
+        metrics.write_summary(run.out / "summary.json", summary)
+        print(f"sample: {sample}\n"
+              f"done: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, eval loss {eval_loss:.4f} "
+              f"(ppl {summary['eval_perplexity']:.1f}), {summary['tokens_per_s']:.0f} tokens/s, "
+              f"peak {peak / 2**20:.0f} MiB/rank -> {run.out}", flush=True)
+    return summary
