@@ -54,11 +54,13 @@ def run_launcher(cmd: list[str]) -> int:
 
 def cmd_train(args) -> int:
     from .ds_config import preflight
+    from .ops import clear_stale_locks
     from .train import recipe_from_args
 
     recipe = recipe_from_args(args)
     world_size = args.num_procs or _local_device_count()
     preflight(recipe, world_size=world_size)
+    clear_stale_locks()
     recipe_path = str(Path(recipe["recipe_path"]).resolve())
     cmd = launcher_command(args, recipe_path)
     print("launching: " + " ".join(cmd), flush=True)

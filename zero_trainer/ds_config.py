@@ -138,9 +138,9 @@ def preflight(recipe: dict, world_size: int) -> dict:
     """
     import torch
 
-    from .data import DataError, prepare_data
+    from .data import DataError
     from .model import model_config
-    from .trainer import default_cache_dir, model_source
+    from .trainer import load_data, model_source
 
     field = "model.config" if recipe["model"]["config"] else "model.preset"
     try:
@@ -158,8 +158,7 @@ def preflight(recipe: dict, world_size: int) -> dict:
     _, raw = load_ds_config(recipe["deepspeed"]["config"])
     resolved = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=cfg.hidden_size)
     try:
-        prepare_data(recipe["data"], vocab_size=cfg.vocab_size, seq_len=seq_len, seed=recipe["train"]["seed"],
-                     cache_dir=recipe["data"]["cache_dir"] or default_cache_dir())
+        load_data(recipe, cfg.vocab_size)
     except DataError as err:
-        raise UsageError(str(err).removeprefix("error: "), "data") from None
+        raise UsageError(str(err)) from None  # DataError already says where: file:line or the field
     return resolved

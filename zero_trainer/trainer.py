@@ -3,6 +3,7 @@
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from . import metrics
 from .data import BatchSampler, prepare_data
 from .ds_config import load_ds_config, resolve_auto_values, zero_stage
 from .model import build_model, model_config
+from .ops import clear_stale_locks
 
 
 def model_source(recipe: dict):
@@ -20,6 +22,14 @@ def model_source(recipe: dict):
 
 def default_cache_dir() -> str:
     return os.environ.get("ZERO_TRAINER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zero_trainer")
+
+
+def load_data(recipe: dict, vocab_size: int):
+    """The recipe's corpus, tokenized and packed (cached on disk; the first caller builds, others wait)."""
+    data = recipe["data"]
+    return prepare_data({k: data[k] for k in ("path", "tokenizer", "eval_fraction", "max_documents")},
+                        vocab_size=vocab_size, seq_len=data["seq_len"], seed=recipe["train"]["seed"],
+                        cache_dir=data["cache_dir"] or default_cache_dir())
 
 
 def set_cpu_threads() -> None:
@@ -32,15 +42,41 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.Module:
+    """The model with the same initial weights at every ZeRO stage and world size.
+
+    At stage 3 it is built under deepspeed.zero.Init, so each rank allocates only its shard; weights are then
+    initialised module by module, gathered, with rank 0 deciding (transformers' initialize_weights_zero3 does
+    the same). Other stages run the identical sequence on full tensors, so losses match stage for stage.
+    """
+    import deepspeed
+    import deepspeed.comm as dist
+    from transformers.initialization import no_init_weights
+
+    stage3 = zero_stage(ds_config) == 3
+    with no_init_weights(), (deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else nullcontext()):
+        model = build_model(model_cfg)
+    torch.manual_seed(seed)
+    decides = dist.get_rank() == 0 or not stage3
+    with torch.no_grad():
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=stage3 and bool(params)):
+                if decides:
+                    model._init_weights(module)
+    return model
+
+
 class Run:
     """What the loop needs, built once: engine, data, sampler, and the resolved settings."""
 
     def __init__(self, recipe: dict):
         import deepspeed
         import deepspeed.comm as dist
-        from transformers.integrations import HfDeepSpeedConfig
 
         set_cpu_threads()
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            clear_stale_locks()  # DeepSpeed JIT-builds ops at start-up; a dead build's lock would hang it
         deepspeed.init_distributed()
         self.recipe, train = recipe, recipe["train"]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -50,9 +86,7 @@ class Run:
         self.rss_before_model = metrics.current_rss_bytes()
 
         self.model_cfg = model_config(model_source(recipe))
-        self.data = prepare_data(recipe["data"], vocab_size=self.model_cfg.vocab_size,
-                                 seq_len=recipe["data"]["seq_len"], seed=train["seed"],
-                                 cache_dir=recipe["data"]["cache_dir"] or default_cache_dir())
+        self.data = load_data(recipe, self.model_cfg.vocab_size)
         self.ds_name, raw = load_ds_config(recipe["deepspeed"]["config"])
         with torch.device("meta"):
             meta = build_model(self.model_cfg)
@@ -62,11 +96,7 @@ class Run:
             largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out))
         del meta
 
-        torch.manual_seed(train["seed"])
-        # With a live HfDeepSpeedConfig at stage 3, transformers builds the model under deepspeed.zero.Init
-        # (each rank allocates only its shard) and initialises the weights gathered, rank 0 deciding.
-        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
-        model = build_model(self.model_cfg)
+        model = build_initialized_model(self.model_cfg, self.ds_config, train["seed"])
         if train["activation_checkpointing"]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config,

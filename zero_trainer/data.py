@@ -1,0 +1,463 @@
+"""Pretraining data: corpus -> tokenizer -> token stream (cached) -> packed blocks -> per-rank batches.
+
+Everything expensive (the arrow copy of the corpus, the BPE tokenizer, the token stream) is cached on disk
+and built by one process while the others wait on a file lock, so every rank of a run (or two runs sharing a
+cache_dir) calls `prepare_data` and gets identical arrays.
+"""
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+DOCUMENT_SUFFIXES = (".jsonl", ".parquet", ".txt")
+DATA_KEYS = {"path", "tokenizer", "eval_fraction", "max_documents"}
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data config, worded as "what is wrong (where): how to fix"."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# corpus
+
+
+def default_corpus_files(max_bytes: int = 8_000_000) -> list[str]:
+    """The standard library's own .py files: a corpus every machine has, so training needs no download."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skipped_dirs = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    files, total_bytes = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if skipped_dirs.intersection(path.relative_to(stdlib).parts[:-1]):
+            continue
+        if total_bytes >= max_bytes:
+            break
+        files.append(str(path))
+        total_bytes += path.stat().st_size
+    return files
+
+
+def load_documents(path: str | list[str] | None, cache_dir: str | None = None) -> datasets.Dataset:
+    """Load a corpus as a Dataset with one "text" column, one row per document.
+
+    path is one of
+      - None: the standard library's .py files (`default_corpus_files`), one document per file;
+      - a .jsonl file of {"text": ...} rows (minimind's pretraining format), one document per row;
+      - a .parquet file with a "text" column, one document per row;
+      - a .txt file: one document per blank-line-separated paragraph (so one big file still makes many
+        documents);
+      - a directory written by Dataset.save_to_disk;
+      - a directory (searched recursively) or a list of .jsonl/.parquet/.txt files, read in that order of
+        type; here each .txt file is one document.
+    Documents that are empty or only whitespace are dropped. cache_dir holds datasets' arrow copies.
+    """
+    if path is None:
+        documents = _load_text_files(default_corpus_files(), "document", cache_dir)
+    elif isinstance(path, (list, tuple)):
+        documents = _load_document_files([f for p in path for f in _document_files(p)], "document", cache_dir)
+    elif os.path.isdir(path) and _is_saved_dataset(path):
+        documents = _load_saved_dataset(path)
+    elif os.path.isdir(path):
+        documents = _load_document_files(_document_files(path), "document", cache_dir)
+    else:
+        documents = _load_document_files(_document_files(path), "paragraph", cache_dir)
+
+    documents = documents.filter(_is_not_blank, batched=True, desc="dropping empty documents")
+    if len(documents) == 0:
+        raise DataError(f"empty corpus ({path}): no document has any non-whitespace text; point data.path at real text")
+    return documents
+
+
+def _is_not_blank(batch):
+    return [bool(text and text.strip()) for text in batch["text"]]
+
+
+def _document_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(str(f) for f in Path(path).rglob("*") if f.suffix in DOCUMENT_SUFFIXES and f.is_file())
+        if not files:
+            raise DataError(f"no .jsonl/.parquet/.txt files in directory ({path}): "
+                            "add some, or point data.path at a file")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"data path does not exist ({path}): fix data.path, or leave it unset to use the stdlib corpus")
+    if Path(path).suffix not in DOCUMENT_SUFFIXES:
+        raise DataError(f"unsupported file type ({path}): data.path takes .jsonl, .parquet, .txt or a directory")
+    return [path]
+
+
+def _load_document_files(files: list[str], txt_sample_by: str, cache_dir: str | None) -> datasets.Dataset:
+    by_suffix = {suffix: [f for f in files if Path(f).suffix == suffix] for suffix in DOCUMENT_SUFFIXES}
+    parts = []
+    if by_suffix[".jsonl"]:
+        for file in by_suffix[".jsonl"]:
+            _check_jsonl(file)
+        jsonl = datasets.load_dataset("json", data_files=by_suffix[".jsonl"], split="train", cache_dir=cache_dir)
+        parts.append(jsonl.select_columns(["text"]))
+    if by_suffix[".parquet"]:
+        for file in by_suffix[".parquet"]:
+            _check_parquet(file)
+        parts.append(
+            datasets.load_dataset(
+                "parquet", data_files=by_suffix[".parquet"], columns=["text"], split="train", cache_dir=cache_dir
+            )
+        )
+    if by_suffix[".txt"]:
+        parts.append(_load_text_files(by_suffix[".txt"], txt_sample_by, cache_dir))
+    # Parquet may store large_string; concatenation needs one schema.
+    text_only = datasets.Features({"text": datasets.Value("string")})
+    parts = [part if part.features == text_only else part.cast(text_only) for part in parts]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _load_text_files(files: list[str], sample_by: str, cache_dir: str | None) -> datasets.Dataset:
+    for file in files:
+        _check_utf8(file)
+    return datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train", cache_dir=cache_dir)
+
+
+def _check_utf8(file: str) -> None:
+    # datasets' text loader would fail (or, with errors=replace, silently corrupt) without naming the line.
+    with open(file, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            _decode_line(raw, file, line_number)
+
+
+def _decode_line(raw: bytes, file: str, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"bytes that are not UTF-8 ({file}:{line_number}, byte {err.start} of the line): "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _check_jsonl(file: str) -> None:
+    # One cheap pass of our own first, so that a bad row is reported as file:line rather than as an arrow
+    # schema error (or, for a missing key, silently as a null text).
+    with open(file, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode_line(raw, file, line_number)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"invalid JSON ({file}:{line_number}): {err.msg}; "
+                                "each line must be one JSON object") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                found = f"keys {sorted(row)}" if isinstance(row, dict) else type(row).__name__
+                raise DataError(
+                    f'row without a "text" string ({file}:{line_number}, found {found}): '
+                    'every line must look like {"text": "..."}'
+                )
+
+
+def _check_parquet(file: str) -> None:
+    schema = pq.read_schema(file)
+    if "text" not in schema.names or schema.field("text").type not in ("string", "large_string"):
+        raise DataError(f'no "text" string column ({file}, columns {schema.names}): rename the text column to "text"')
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
+
+
+def _load_saved_dataset(path: str) -> datasets.Dataset:
+    saved = datasets.load_from_disk(path)
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved:
+            raise DataError(f'saved DatasetDict has no "train" split ({path}, splits {list(saved)}): '
+                            "save the train split")
+        saved = saved["train"]
+    if saved.features.get("text") not in (datasets.Value("string"), datasets.Value("large_string")):
+        raise DataError(f'no "text" string column in saved dataset ({path}, columns {saved.column_names}): '
+                        'rename the text column to "text"')
+    return saved.select_columns(["text"])
+
+
+def _corpus_fingerprint(documents: datasets.Dataset) -> str:
+    # datasets fingerprints every Dataset already: loaded files by path and mtime (no full read), in-memory
+    # data by content, and every .filter/.select applied since (so max_documents is part of it).
+    return documents._fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def load_tokenizer(
+    tokenizer_path: str | None, documents: datasets.Dataset, vocab_size: int, cache_dir: str
+) -> PreTrainedTokenizerFast:
+    """A local HF tokenizer directory, or (None) a byte-level BPE trained on `documents` and cached.
+
+    The trained tokenizer is saved with save_pretrained, so its directory (tokenizer.name_or_path) can be
+    copied next to an exported model. Its special token "<|endoftext|>" is eos, and also bos and pad, as in
+    GPT-2: pretraining never pads and only needs the document separator.
+    """
+    if tokenizer_path is not None:
+        return _load_pretrained_tokenizer(tokenizer_path)
+    if vocab_size < 257:
+        raise DataError(f"vocab_size {vocab_size} too small for a byte-level BPE (model vocab_size): it needs >= 257 "
+                        "(256 bytes + <|endoftext|>)")
+    key = _hash(_corpus_fingerprint(documents), vocab_size, "bytelevel-bpe-v1")
+    tokenizer_dir = os.path.join(cache_dir, f"tokenizer-{key}")
+    if not os.path.exists(tokenizer_dir):
+        with _exclusive_lock(tokenizer_dir + ".lock"):
+            if not os.path.exists(tokenizer_dir):  # another process may have built it while we waited
+                shutil.rmtree(tokenizer_dir + ".tmp", ignore_errors=True)  # left by a crashed build
+                _train_bpe(documents, vocab_size).save_pretrained(tokenizer_dir + ".tmp")
+                os.replace(tokenizer_dir + ".tmp", tokenizer_dir)
+    return _load_pretrained_tokenizer(tokenizer_dir)
+
+
+def _train_bpe(documents: datasets.Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
+    logger.info("training a byte-level BPE tokenizer (vocab %d) on %d documents", vocab_size, len(documents))
+    started = time.perf_counter()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is ever unknown
+        show_progress=False,
+    )
+    batches = (batch["text"] for batch in documents.iter(batch_size=1000))
+    bpe.train_from_iterator(batches, trainer=trainer, length=len(documents))
+    logger.info("trained tokenizer in %.1fs", time.perf_counter() - started)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def _load_pretrained_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerFast:
+    if not os.path.isdir(tokenizer_dir):
+        raise DataError(f"tokenizer directory does not exist (data.tokenizer={tokenizer_dir}): point it at a "
+                        "directory written by save_pretrained, or leave it unset to train one")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load tokenizer (data.tokenizer={tokenizer_dir}): {err}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise DataError(f"not a fast tokenizer (data.tokenizer={tokenizer_dir}): save one with a tokenizer.json")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer has no eos_token (data.tokenizer={tokenizer_dir}): set eos_token in its "
+                        "tokenizer_config.json; documents are separated by it")
+    return tokenizer
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    return _hash(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token stream
+
+
+def tokenize_corpus(documents: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, cache_dir: str) -> np.ndarray:
+    """All documents as one 1-D token stream, each followed by eos; cached as .npy and memory-mapped."""
+    key = _token_stream_key(documents, tokenizer)
+    stream_path = os.path.join(cache_dir, f"tokens-{key}.npy")
+    if not os.path.exists(stream_path):
+        with _exclusive_lock(stream_path + ".lock"):
+            if not os.path.exists(stream_path):  # another process may have built it while we waited
+                _write_token_stream(documents, tokenizer, key, stream_path + ".tmp")
+                os.replace(stream_path + ".tmp", stream_path)
+    return np.load(stream_path, mmap_mode="r")
+
+
+def _token_stream_key(documents: datasets.Dataset, tokenizer: PreTrainedTokenizerFast) -> str:
+    return _hash(_corpus_fingerprint(documents), _tokenizer_fingerprint(tokenizer))
+
+
+def _write_token_stream(documents: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, key: str, path: str) -> None:
+    logger.info("tokenizing %d documents", len(documents))
+    started = time.perf_counter()
+    eos_id = tokenizer.eos_token_id
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+
+    def tokenize(batch):
+        # No special tokens, so documents are separated by eos alone whichever post-processor (BOS, ...) the
+        # tokenizer carries; verbose=False because long documents are expected, they are packed later.
+        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return {"input_ids": [ids + [eos_id] for ids in encoded["input_ids"]]}
+
+    tokenized = documents.map(
+        tokenize,
+        batched=True,
+        remove_columns=documents.column_names,
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value(np.dtype(dtype).name))}),
+        new_fingerprint=key,  # our key already names this result; spares datasets hashing the tokenizer
+        desc="tokenizing",
+    )
+    ids = tokenized.with_format("arrow")["input_ids"]
+    num_tokens = pc.sum(pc.list_value_length(ids)).as_py()
+    # Written piece by piece into a memory-mapped .npy, as nanoGPT's prepare.py does, so a corpus larger
+    # than RAM still works.
+    stream = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(num_tokens,))
+    position = 0
+    for batch in tokenized.with_format("arrow").iter(batch_size=10_000):
+        flat = pc.list_flatten(batch["input_ids"]).to_numpy()
+        stream[position : position + len(flat)] = flat
+        position += len(flat)
+    stream.flush()
+    del stream
+    logger.info("tokenized %d tokens in %.1fs", num_tokens, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blocks and batches
+
+
+def pack_blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """[N, seq_len] non-overlapping windows of the stream, ragged tail dropped, no padding.
+
+    Labels are input_ids: the HF-style model shifts them itself. A view, so a memory-mapped stream stays on disk.
+    """
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1 (data.seq_len={seq_len}): set a positive sequence length")
+    num_blocks = len(tokens) // seq_len
+    return tokens[: num_blocks * seq_len].reshape(num_blocks, seq_len)
+
+
+def split_train_eval(blocks: np.ndarray, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random held-out blocks; at least one when eval_fraction > 0 and there are >= 2 blocks."""
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction must be in [0, 1) (data.eval_fraction={eval_fraction}): e.g. 0.05")
+    num_blocks = len(blocks)
+    num_eval = 0
+    if eval_fraction > 0 and num_blocks >= 2:
+        num_eval = min(num_blocks - 1, max(1, round(num_blocks * eval_fraction)))
+    is_eval = np.zeros(num_blocks, dtype=bool)
+    is_eval[np.random.default_rng(seed).permutation(num_blocks)[:num_eval]] = True
+    return blocks[~is_eval], blocks[is_eval]
+
+
+class BatchSampler:
+    """Deterministic, resumable data-parallel batches over `num_blocks` training blocks.
+
+    Sample positions are counted globally over the endless sequence perm_0, perm_1, ... where perm_e is a
+    permutation of the blocks seeded by (seed, e). Global micro-step k takes positions
+    [k * micro_batch * dp_size, (k + 1) * micro_batch * dp_size) and rank r the r-th micro_batch of them.
+    So ranks never share a block within an epoch, the global batch does not depend on how it is split across
+    ranks, and resuming needs only the step number. (A step that straddles an epoch boundary can hold one
+    block twice, once from each epoch, as a single-process loader would.)
+    """
+
+    def __init__(self, num_blocks: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int):
+        if micro_batch < 1 or not 0 <= dp_rank < dp_size:
+            raise DataError(f"bad batch layout (micro_batch={micro_batch}, dp_rank={dp_rank}, dp_size={dp_size}): "
+                            "need micro_batch >= 1 and 0 <= dp_rank < dp_size")
+        if num_blocks < micro_batch * dp_size:
+            raise DataError(
+                f"only {num_blocks} training blocks but one micro-step needs micro_batch * dp_size = "
+                f"{micro_batch * dp_size} (data): use a smaller micro batch or seq_len, or more data"
+            )
+        self.num_blocks, self.micro_batch, self.dp_rank, self.dp_size, self.seed = (
+            num_blocks, micro_batch, dp_rank, dp_size, seed)
+
+    def indices(self, global_micro_step: int) -> np.ndarray:
+        """Block indices for this rank at this global micro-step."""
+        first = (global_micro_step * self.dp_size + self.dp_rank) * self.micro_batch
+        epochs, offsets = np.divmod(np.arange(first, first + self.micro_batch), self.num_blocks)
+        return np.concatenate(
+            [_epoch_permutation(self.num_blocks, self.seed, int(e))[offsets[epochs == e]] for e in np.unique(epochs)]
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# everything together
+
+
+@dataclass
+class PreparedData:
+    train: np.ndarray  # [N, seq_len] token ids (uint16/uint32; cast to int64 for torch)
+    eval: np.ndarray  # [M, seq_len]
+    tokenizer: PreTrainedTokenizerFast
+    tokenizer_dir: str  # a save_pretrained directory, to ship with an exported model
+    num_tokens: int  # length of the whole token stream, before packing
+    fingerprint: str  # identifies the exact train/eval blocks (corpus, tokenizer, seq_len, split)
+
+
+def prepare_data(data_cfg: dict, vocab_size: int, seq_len: int, seed: int, cache_dir: str) -> PreparedData:
+    """Corpus -> tokenizer -> token stream -> train/eval blocks, with every expensive step cached in cache_dir.
+
+    data_cfg keys (all optional): path, tokenizer, eval_fraction (0.05), max_documents (None = all).
+    """
+    unknown = sorted(set(data_cfg) - DATA_KEYS)
+    if unknown:
+        raise DataError(f"unknown data keys {unknown} (data): the known ones are {sorted(DATA_KEYS)}")
+    eval_fraction = data_cfg.get("eval_fraction", 0.05)
+    max_documents = data_cfg.get("max_documents")
+    os.makedirs(cache_dir, exist_ok=True)
+
+    documents = load_documents(data_cfg.get("path"), cache_dir=os.path.join(cache_dir, "datasets"))
+    if max_documents is not None:
+        if not isinstance(max_documents, int) or max_documents < 1:
+            raise DataError(f"max_documents must be a positive integer (data.max_documents={max_documents}): "
+                            "set one, or unset it to use every document")
+        documents = documents.select(range(min(max_documents, len(documents))))
+
+    tokenizer = load_tokenizer(data_cfg.get("tokenizer"), documents, vocab_size, cache_dir)
+    if len(tokenizer) > vocab_size:
+        raise DataError(
+            f"tokenizer vocab {len(tokenizer)} > model vocab_size {vocab_size} (data.tokenizer): use a tokenizer "
+            f"with at most {vocab_size} tokens or a model preset with vocab_size >= {len(tokenizer)}"
+        )
+
+    tokens = tokenize_corpus(documents, tokenizer, cache_dir)
+    blocks = pack_blocks(tokens, seq_len)
+    if len(blocks) < 2:
+        raise DataError(
+            f"corpus too small: {len(tokens)} tokens make {len(blocks)} blocks of seq_len {seq_len} (data.seq_len): "
+            "use a smaller seq_len or more data (at least 2 blocks are needed for train and eval)"
+        )
+    train, eval_blocks = split_train_eval(blocks, eval_fraction, seed)
+    return PreparedData(
+        train=train,
+        eval=eval_blocks,
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer.name_or_path,
+        num_tokens=len(tokens),
+        fingerprint=_hash(_token_stream_key(documents, tokenizer), seq_len, eval_fraction, seed),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cache helpers
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: str):
+    """One process at a time (any rank, any run on this machine) builds a cache entry; the others wait."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file is closed, even on a crash
+        yield
