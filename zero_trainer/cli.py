@@ -73,16 +73,30 @@ def _local_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train_subcommand(sub) -> None:
     from .train import build_parser as train_parser
 
-    p = argparse.ArgumentParser(prog="zero-trainer", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", parents=[train_parser()], add_help=False,
                        help="train a recipe through the deepspeed launcher on local resources")
     t.add_argument("--num-procs", type=int, help="ranks on this machine (default: all GPUs; 1 on CPU)")
     t.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
     t.set_defaults(func=cmd_train)
+
+
+# Each subcommand lives beside the code it drives; each module has add_subcommand(subparsers).
+SUBCOMMANDS = [
+    "zero_trainer.cli:add_train_subcommand",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = argparse.ArgumentParser(prog="zero-trainer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for entry in SUBCOMMANDS:
+        module, func = entry.split(":")
+        getattr(importlib.import_module(module), func)(sub)
     return p
 
 

@@ -48,6 +48,16 @@ def load_ds_config(name_or_path: str) -> tuple[str, dict]:
     return path.stem, config
 
 
+def select_ds_config(recipe: dict, model_cfg, world_size: int) -> tuple[str, dict]:
+    """The recipe's deepspeed.config; "auto" asks the planner for the least-sharded rung that fits here."""
+    name = recipe["deepspeed"]["config"]
+    if name == "auto":
+        from .plan import plan_for_recipe
+
+        name = plan_for_recipe(recipe, model_cfg, world_size)
+    return load_ds_config(name)
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
@@ -155,7 +165,7 @@ def preflight(recipe: dict, world_size: int) -> dict:
     if recipe["train"]["precision"] == "fp16" and not torch.cuda.is_available():
         raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
                          "use train.precision=bf16 or fp32 on CPU")
-    _, raw = load_ds_config(recipe["deepspeed"]["config"])
+    _, raw = select_ds_config(recipe, cfg, world_size)
     resolved = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=cfg.hidden_size)
     try:
         load_data(recipe, cfg.vocab_size)

@@ -11,7 +11,7 @@ import torch
 
 from . import metrics
 from .data import BatchSampler, prepare_data
-from .ds_config import load_ds_config, resolve_auto_values, zero_stage
+from .ds_config import resolve_auto_values, select_ds_config, zero_stage
 from .model import build_model, model_config
 from .ops import clear_stale_locks
 
@@ -87,7 +87,7 @@ class Run:
 
         self.model_cfg = model_config(model_source(recipe))
         self.data = load_data(recipe, self.model_cfg.vocab_size)
-        self.ds_name, raw = load_ds_config(recipe["deepspeed"]["config"])
+        self.ds_name, raw = select_ds_config(recipe, self.model_cfg, self.world_size)
         with torch.device("meta"):
             meta = build_model(self.model_cfg)
         self.params = sum(p.numel() for p in meta.parameters())
