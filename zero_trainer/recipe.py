@@ -6,6 +6,7 @@ a typo fails in the launcher process with one line, not minutes later inside a r
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -57,6 +58,24 @@ DEFAULTS = {
 }
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); recipes are full of such learning rates."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
 
 # field -> (types, check, hint). Checks return True when the value is fine.
 _pos_int = ((int,), lambda v: v >= 1, "a whole number >= 1")
@@ -135,7 +154,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise UsageError(f"override '{text}' is not KEY=VALUE", "command line",
                          "write overrides as dotted.field=value, e.g. train.max_steps=30")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -158,7 +177,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> dict:
     """Defaults <- YAML file <- KEY=VALUE overrides, then validated. Returns a plain nested dict."""
     file = resolve_recipe_path(path)
     try:
-        loaded = yaml.safe_load(file.read_text()) or {}
+        loaded = read_yaml(file.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
