@@ -376,7 +376,19 @@ class BatchSampler:
 
     def indices(self, global_micro_step: int) -> np.ndarray:
         """Block indices for this rank at this global micro-step."""
-        first = (global_micro_step * self.dp_size + self.dp_rank) * self.micro_batch
+        return self.indices_at(global_micro_step * self.dp_size * self.micro_batch)
+
+    @property
+    def samples_per_micro_step(self) -> int:
+        return self.micro_batch * self.dp_size
+
+    def indices_at(self, position: int) -> np.ndarray:
+        """Block indices for this rank for the micro-step starting at global sample `position`.
+
+        Counting in samples, not steps, lets a run resume at another world size or micro batch and read on
+        from exactly where the last one stopped.
+        """
+        first = position + self.dp_rank * self.micro_batch
         epochs, offsets = np.divmod(np.arange(first, first + self.micro_batch), self.num_blocks)
         return np.concatenate(
             [_epoch_permutation(self.num_blocks, self.seed, int(e))[offsets[epochs == e]] for e in np.unique(epochs)]

@@ -58,6 +58,13 @@ def select_ds_config(recipe: dict, model_cfg, world_size: int) -> tuple[str, dic
     return load_ds_config(name)
 
 
+def load_universal_checkpoint(ds: dict) -> dict:
+    """The config that makes engine.load_checkpoint read a universal checkpoint (another world size/stage)."""
+    ds = copy.deepcopy(ds)
+    ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 

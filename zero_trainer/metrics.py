@@ -29,10 +29,17 @@ class MetricsLog:
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mem_bytes", "eval_loss")
 
-    def __init__(self, path):
+    def __init__(self, path, resume_step: int | None = None):
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            # rows past the checkpoint were trained again after the resume: keep only the ones before it
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) <= resume_step]
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.COLUMNS)
         self.writer.writeheader()
+        self.writer.writerows({k: row.get(k, "") for k in self.COLUMNS} for row in kept)
+        self.file.flush()
 
     def write(self, row: dict) -> None:
         self.writer.writerow({k: ("" if row.get(k) is None else _plain(row[k])) for k in self.COLUMNS})
@@ -48,10 +55,11 @@ def bar_fields(row: dict) -> dict:
             "mem": f"{row['mem_bytes'] / 2**20:.0f}MiB"}
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True,
+                mininterval=1.0)
 
 
 def write_summary(path, summary: dict) -> None:

@@ -2,6 +2,7 @@
 
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import checkpoint, metrics
 from .data import BatchSampler, prepare_data
-from .ds_config import resolve_auto_values, select_ds_config, zero_stage
+from .ds_config import load_universal_checkpoint, resolve_auto_values, select_ds_config, zero_stage
 from .model import build_model, model_config
 from .ops import clear_stale_locks
 
@@ -68,9 +69,9 @@ def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.M
 
 
 class Run:
-    """What the loop needs, built once: engine, data, sampler, and the resolved settings."""
+    """What the loop needs, built once: engine, data, sampler, the resolved settings, and where to start."""
 
-    def __init__(self, recipe: dict):
+    def __init__(self, recipe: dict, resume: bool = False):
         import deepspeed
         import deepspeed.comm as dist
 
@@ -81,11 +82,12 @@ class Run:
         self.recipe, train = recipe, recipe["train"]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.out = Path(recipe["output_dir"])
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.rss_before_model = metrics.current_rss_bytes()
 
         self.model_cfg = model_config(model_source(recipe))
+        resume_from = checkpoint.check_resume(recipe, self.model_cfg, resume)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.data = load_data(recipe, self.model_cfg.vocab_size)
         self.ds_name, raw = select_ds_config(recipe, self.model_cfg, self.world_size)
         with torch.device("meta"):
@@ -95,6 +97,14 @@ class Run:
             raw, recipe, world_size=self.world_size, hidden_size=self.model_cfg.hidden_size,
             largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out))
         del meta
+        universal_dir = None
+        if resume_from is not None and checkpoint.needs_universal(
+                checkpoint.read_state(resume_from), self.world_size, zero_stage(self.ds_config)):
+            if self.rank == 0:
+                checkpoint.to_universal(resume_from)
+            dist.barrier()
+            universal_dir = resume_from.parent / "universal" / resume_from.name
+            self.ds_config = load_universal_checkpoint(self.ds_config)
 
         model = build_initialized_model(self.model_cfg, self.ds_config, train["seed"])
         if train["activation_checkpointing"]:
@@ -105,30 +115,65 @@ class Run:
         self.sampler = BatchSampler(len(self.data.train), train["micro_batch"], self.rank, self.world_size,
                                     train["seed"])
         self.tokens_per_step = train["micro_batch"] * train["grad_accum"] * self.world_size * recipe["data"]["seq_len"]
+        # Progress: everything a resumed run needs to continue as if it never stopped.
+        self.state = {"step": 0, "position": 0, "losses": [], "tokens": 0, "train_s": 0.0}
+        self.resumed_from = resume_from
+        if resume_from is not None:
+            saved = checkpoint.load(self.engine, resume_from, universal_dir)
+            self.state = {k: saved[k] for k in self.state}
+
+    def checkpoint_state(self) -> dict:
+        return {**self.state, "world_size": self.world_size, "zero_stage": zero_stage(self.ds_config),
+                "ds_config_name": self.ds_name, "recipe": self.recipe,
+                "model_shape": checkpoint.model_shape(self.model_cfg), "model_config": self.model_cfg.to_dict(),
+                "tokenizer_dir": self.data.tokenizer_dir, "params": self.params}
+
+    def save(self) -> None:
+        checkpoint.save(self.engine, self.out, self.checkpoint_state(), self.recipe["train"]["keep_last"])
+
+    def next_batch(self) -> torch.Tensor:
+        x = self.batch(self.data.train, self.sampler.indices_at(self.state["position"]))
+        self.state["position"] += self.sampler.samples_per_micro_step
+        return x
 
     def batch(self, blocks: np.ndarray, indices) -> torch.Tensor:
         return torch.from_numpy(np.asarray(blocks[np.sort(indices)], dtype=np.int64)).to(self.device)
 
-    def mean_over_ranks(self, value: float) -> float:
+    def reduce_over_ranks(self, values: list[float], op: str = "sum") -> list[float]:
         import deepspeed.comm as dist
 
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def mean_over_ranks(self, value: float) -> float:
+        return self.reduce_over_ranks([value])[0] / self.world_size
 
     def max_over_ranks(self, value: int) -> int:
-        import deepspeed.comm as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return int(self.reduce_over_ranks([value], op="max")[0])
 
 
-def train_step(run: Run, step: int) -> float:
+class StopRequest:
+    """SIGTERM/SIGINT (a preemption, or the launcher shutting down) asks for a checkpoint, not a crash.
+
+    The flag is shared through the per-step all-reduce, so a signal to any single rank stops all of them at
+    the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+
+def train_step(run: Run) -> float:
     """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss."""
-    accum, engine, losses = run.recipe["train"]["grad_accum"], run.engine, []
-    for micro in range(accum):
-        x = run.batch(run.data.train, run.sampler.indices(step * accum + micro))
+    engine, losses = run.engine, []
+    for _ in range(run.recipe["train"]["grad_accum"]):
+        x = run.next_batch()
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
@@ -164,44 +209,58 @@ def sample_text(run: Run, num_tokens: int) -> str:
     return tok.decode(prompt[0].tolist()) + " ⟶ " + tok.decode(ids[0, prompt.shape[1]:].tolist())
 
 
-def run_training(recipe: dict, resume: bool = False) -> dict:
+def run_training(recipe: dict, resume: bool = False) -> dict | None:
+    """Train to train.max_steps; returns the summary, or None when stopped by a signal (after a checkpoint)."""
     t0 = time.time()
-    run = Run(recipe)
-    train, is_main = recipe["train"], run.rank == 0
-    log = metrics.MetricsLog(run.out / "metrics.csv") if is_main else None
-    bar = metrics.progress_bar(train["max_steps"], enabled=is_main)
-    losses, eval_loss, tokens, train_s = [], None, 0, 0.0
-    for step in range(train["max_steps"]):
+    run = Run(recipe, resume)
+    stop = StopRequest()
+    train, state, is_main = recipe["train"], run.state, run.rank == 0
+    log = metrics.MetricsLog(run.out / "metrics.csv", resume_step=state["step"] if resume else None) \
+        if is_main else None
+    bar = metrics.progress_bar(train["max_steps"], enabled=is_main, initial=state["step"])
+    eval_loss, saved_step = None, state["step"] if resume else None
+    for step in range(state["step"] + 1, train["max_steps"] + 1):
         lr = run.engine.get_lr()[0]
         t = time.time()
-        loss = run.mean_over_ranks(train_step(run, step))
-        step_s = time.time() - t
-        train_s += step_s
-        losses.append(loss)
-        tokens += run.tokens_per_step
-        if train["eval_every"] and (step + 1) % train["eval_every"] == 0 and step + 1 < train["max_steps"]:
+        loss_sum, stops = run.reduce_over_ranks([train_step(run), float(stop.requested)])
+        loss, step_s = loss_sum / run.world_size, time.time() - t
+        state.update(step=step, tokens=state["tokens"] + run.tokens_per_step, train_s=state["train_s"] + step_s)
+        state["losses"].append(loss)
+        if train["eval_every"] and step % train["eval_every"] == 0 and step < train["max_steps"]:
             eval_loss = evaluate(run)
-        if is_main and ((step + 1) % train["log_every"] == 0 or step + 1 == train["max_steps"]):
-            row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
+        if is_main and (step % train["log_every"] == 0 or step == train["max_steps"]):
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
                    "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
                    "mem_bytes": metrics.device_memory_bytes(), "eval_loss": eval_loss}
             log.write(row)
             bar.set_postfix(metrics.bar_fields(row), refresh=False)
         bar.update(1)
+        if stops or (train["save_every"] and step % train["save_every"] == 0):
+            run.save()
+            saved_step = step
+        if stops:
+            bar.close()
+            if is_main:
+                print(f"stopped by signal at step {step}: checkpoint saved in {run.out / 'checkpoints'}; "
+                      "continue with --resume", flush=True)
+            return None
     bar.close()
+    if train["save_every"] and saved_step != state["step"]:
+        run.save()  # the final step is always resumable and exportable
     eval_loss = evaluate(run)
     sample = sample_text(run, train["sample_tokens"]) if train["sample_tokens"] else ""
     peak = run.max_over_ranks(metrics.peak_memory_bytes())
-    wall = time.time() - t0
+    losses = state["losses"]
     summary = {
         "params": run.params, "world_size": run.world_size, "ds_config_name": run.ds_name,
         "ds_config": run.ds_config, "precision": train["precision"], "zero_stage": zero_stage(run.ds_config),
-        "model": model_source(recipe), "steps": len(losses), "tokens": tokens,
+        "model": model_source(recipe), "steps": len(losses), "tokens": state["tokens"],
         "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-        "tokens_per_s": tokens / train_s,
+        "tokens_per_s": state["tokens"] / state["train_s"],
         "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
-        "wall_s": wall, "losses": losses, "sample": sample, "recipe": recipe,
+        "wall_s": time.time() - t0, "losses": losses, "sample": sample,
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": recipe,
     }
     if is_main:
         metrics.write_summary(run.out / "summary.json", summary)

@@ -1,0 +1,208 @@
+"""Checkpoints that never lose a step.
+
+Layout: OUTPUT_DIR/checkpoints/step_00000010/ holds DeepSpeed's own files (engine.save_checkpoint), our
+trainer state (`zero_trainer_state.json`: step, data position, losses so far, recipe, model config, RNG
+states in `rng_rank{R}.pt`) and, last of all, `COMPLETE`. DeepSpeed writes its `latest` file from rank 0
+whatever the other ranks did, so we do not trust it: `COMPLETE` is written by rank 0 only after a barrier
+that every rank reaches once its shards are on disk. A checkpoint without it is never resumed from.
+
+Resuming at another world size or ZeRO stage goes through DeepSpeed's universal checkpoint
+(deepspeed.checkpoint.ds_to_universal, then `"checkpoint": {"load_universal": true}`), converted
+automatically by rank 0 into checkpoints/universal/<tag>.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+STATE_FILE = "zero_trainer_state.json"
+COMPLETE = "COMPLETE"
+TAG_PREFIX = "step_"
+# ds_to_universal refuses checkpoints whose client state lacks this (see shared/DEEPSPEED_NOTES.md).
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+# Model-config fields that must agree for weights to load: a different shape or vocab is a different model.
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / COMPLETE).is_file() and (ckpt / STATE_FILE).is_file()
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Every step_* directory, complete or not, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+
+
+def newest_complete(root: Path) -> Path | None:
+    complete = [p for p in step_dirs(root) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def find_checkpoint(path, flag: str) -> Path:
+    """`path` is OUTPUT_DIR/checkpoints (the newest complete one inside) or one checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"checkpoint directory {path} does not exist", flag,
+                         "give OUTPUT_DIR/checkpoints or one step_* directory inside it")
+    if is_complete(path):
+        return path
+    if (path / "checkpoints").is_dir():  # an output dir was given
+        path = path / "checkpoints"
+    found = newest_complete(path)
+    if found is None:
+        incomplete = [p.name for p in step_dirs(path)]
+        detail = f" (incomplete: {', '.join(incomplete)})" if incomplete else ""
+        raise UsageError(f"no complete checkpoint in {path}{detail}", flag,
+                         "point at a directory holding a checkpoint with a COMPLETE marker")
+    return found
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def model_shape(model_cfg) -> dict:
+    d = model_cfg.to_dict()
+    return {k: d.get(k) for k in SHAPE_FIELDS}
+
+
+def check_resume(recipe: dict, model_cfg, resume: bool, flag: str = "--resume") -> Path | None:
+    """Before launching: the checkpoint to resume from, or an error. Also refuses to start a fresh run over
+    existing checkpoints (that would mix two runs' steps and prune the old one's)."""
+    root = checkpoint_root(recipe["output_dir"])
+    if not resume:
+        if newest_complete(root) is not None:
+            raise UsageError(f"output dir {recipe['output_dir']} already holds checkpoints", "output_dir",
+                             "pass --resume to continue that run, or choose another --output-dir")
+        return None
+    ckpt = find_checkpoint(root, flag)
+    saved, now = read_state(ckpt)["model_shape"], model_shape(model_cfg)
+    diff = [f"{k} {saved.get(k)} -> {now.get(k)}" for k in SHAPE_FIELDS if saved.get(k) != now.get(k)]
+    if diff:
+        raise UsageError(f"cannot resume {ckpt.name} into a different model ({', '.join(diff)})", flag,
+                         "resume with the recipe the checkpoint was trained with, or start a new --output-dir")
+    return ckpt
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, output_dir, state: dict, keep_last: int) -> Path:
+    """Every rank calls this. Returns the checkpoint directory once it is complete on every rank."""
+    import deepspeed.comm as dist
+
+    root, tag, rank = checkpoint_root(output_dir), tag_for(state["step"]), dist.get_rank()
+    ckpt = root / tag
+    if rank == 0 and (ckpt / COMPLETE).exists():
+        (ckpt / COMPLETE).unlink()  # re-saving a step (after a crash mid-save): not complete until done again
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=dict(UNIVERSAL_INFO), save_latest=False)
+    torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
+    delay = float(os.environ.get("ZERO_TRAINER_TEST_SAVE_DELAY_S", 0))  # tests widen the crash window
+    if delay:
+        import time
+
+        time.sleep(delay)
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        _atomic_write(ckpt / STATE_FILE, json.dumps(state, indent=1, default=str))
+        _atomic_write(ckpt / COMPLETE, tag + "\n")
+        _atomic_write(root / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 reads it)
+        prune(root, keep_last)
+    dist.barrier()
+    return ckpt
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and stale incomplete ones."""
+    newest = newest_complete(root)
+    keep = {p for p in step_dirs(root) if is_complete(p)}
+    keep = set(sorted(keep)[-keep_last:])
+    for path in step_dirs(root):
+        if path not in keep and path.name < newest.name:
+            shutil.rmtree(path, ignore_errors=True)
+    universal = root / "universal"
+    for path in step_dirs(universal):
+        if not (root / path.name).exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def needs_universal(state: dict, world_size: int, stage: int) -> bool:
+    return state["world_size"] != world_size or state["zero_stage"] != stage
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert with DeepSpeed's ds_to_universal (rank 0 only); reuses an earlier conversion."""
+    out = ckpt.parent / "universal" / ckpt.name
+    if (out / COMPLETE).is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"ds_to_universal failed on {ckpt}: {tail[0]}")
+    _atomic_write(out / COMPLETE, ckpt.name + "\n")
+    _atomic_write(out.parent / "latest_universal", ckpt.name)
+    return out
+
+
+def load(engine, ckpt: Path, universal_dir: Path | None) -> dict:
+    """Every rank calls this after deepspeed.initialize. Returns the trainer state."""
+    import deepspeed.comm as dist
+
+    if universal_dir is not None:
+        load_dir, tag = universal_dir.parent, universal_dir.name
+    else:
+        load_dir, tag = ckpt.parent, ckpt.name
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+    rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
+    if rng.is_file():  # absent when resuming on more ranks than saved
+        set_rng_state(torch.load(rng, weights_only=False))
+    return read_state(ckpt)
