@@ -146,6 +146,7 @@ def save(engine, output_dir, state: dict, keep_last: int) -> Path:
         time.sleep(delay)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
+        shutil.copytree(state["tokenizer_dir"], ckpt / "tokenizer", dirs_exist_ok=True)  # export ships it
         _atomic_write(ckpt / STATE_FILE, json.dumps(state, indent=1, default=str))
         _atomic_write(ckpt / COMPLETE, tag + "\n")
         _atomic_write(root / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 reads it)

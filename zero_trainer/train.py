@@ -23,6 +23,18 @@ def build_parser(prog: str = "zero_trainer.train") -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv=None):
+    """argparse stops collecting KEY=VALUE positionals at the first flag; gather the ones after it too."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not takes_overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", None) or []) + extra
+    return args
+
+
 def recipe_from_args(args) -> dict:
     """The recipe after file, overrides and CLI flags — identical in the launcher and in every rank."""
     from .recipe import load_recipe, set_field
@@ -40,7 +52,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     # Launchers append --local_rank=N (deepspeed) or set LOCAL_RANK (torchrun); we read the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:

@@ -57,6 +57,7 @@ def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.M
     stage3 = zero_stage(ds_config) == 3
     with no_init_weights(), (deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else nullcontext()):
         model = build_model(model_cfg)
+    model.tie_weights()  # no_init_weights skips tying too (transformers' _from_config re-ties the same way)
     torch.manual_seed(seed)
     decides = dist.get_rank() == 0 or not stage3
     with torch.no_grad():

@@ -1,0 +1,111 @@
+"""`zero-trainer export CHECKPOINT_DIR OUT_DIR`: a DeepSpeed checkpoint of any stage -> a Hugging Face model.
+
+Weights are gathered by DeepSpeed's own zero_to_fp32 (stages 1-3: the fp32 master partitions merged), or
+read from the module state DeepSpeed saved (stage 0, where nothing is partitioned). The result loads in
+vanilla transformers as LlamaForCausalLM, with no trust_remote_code.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face model dir from a checkpoint")
+    p.add_argument("checkpoint_dir", help="OUTPUT_DIR/checkpoints (newest complete) or one step_* dir in it")
+    p.add_argument("out_dir", help="the Hugging Face model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    export(args.checkpoint_dir, args.out_dir, args.overwrite)
+    return 0
+
+
+def gather_state_dict(ckpt: Path, zero_stage: int) -> dict:
+    import torch
+
+    if zero_stage == 0:
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def hf_config(model_config: dict):
+    """The vanilla transformers model (and config) for a saved zero_trainer model config."""
+    from transformers import AutoConfig
+
+    from .model import ZeroLMConfig
+
+    if model_config.get("model_type") == ZeroLMConfig.model_type:
+        return ZeroLMConfig.from_dict(model_config).to_llama_config()
+    return AutoConfig.for_model(**model_config)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"export target {out} exists and is not a directory", "OUT_DIR",
+                         "choose another OUT_DIR")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"export target {out} exists and is not empty", "OUT_DIR",
+                         "choose an empty or new OUT_DIR, or pass --overwrite")
+
+
+def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .checkpoint import find_checkpoint, read_state
+
+    ckpt = find_checkpoint(checkpoint_dir, "CHECKPOINT_DIR")
+    out = Path(out_dir)
+    check_target(out, overwrite)
+    state = read_state(ckpt)
+    config = hf_config(state["model_config"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    weights = gather_state_dict(ckpt, state["zero_stage"])
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match {type(model).__name__}: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+
+    # Write next to the target and swap in at the end: a failure never leaves a half-written OUT_DIR.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer", trust_remote_code=False)
+        tokenizer.save_pretrained(staging)
+        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
+        files = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        record = {"source_checkpoint": str(ckpt.resolve()), "step": state["step"], "zero_stage": state["zero_stage"],
+                  "world_size": state["world_size"], "ds_config_name": state["ds_config_name"],
+                  "architecture": type(model).__name__, "files_sha256": files}
+        (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {ckpt} (step {state['step']}) -> {out} as {type(model).__name__}")
+    return out
