@@ -118,10 +118,11 @@ class Run:
         self.tokens_per_step = train["micro_batch"] * train["grad_accum"] * self.world_size * recipe["data"]["seq_len"]
         # Progress: everything a resumed run needs to continue as if it never stopped.
         self.state = {"step": 0, "position": 0, "losses": [], "tokens": 0, "train_s": 0.0}
-        self.resumed_from = resume_from
+        self.resumed_from, self.eval_loss = resume_from, None
         if resume_from is not None:
             saved = checkpoint.load(self.engine, resume_from, universal_dir)
             self.state = {k: saved[k] for k in self.state}
+        self.saved_step = self.state["step"] if resume_from is not None else None
 
     def checkpoint_state(self) -> dict:
         return {**self.state, "world_size": self.world_size, "zero_stage": zero_stage(self.ds_config),
@@ -131,6 +132,7 @@ class Run:
 
     def save(self) -> None:
         checkpoint.save(self.engine, self.out, self.checkpoint_state(), self.recipe["train"]["keep_last"])
+        self.saved_step = self.state["step"]
 
     def next_batch(self) -> torch.Tensor:
         x = self.batch(self.data.train, self.sampler.indices_at(self.state["position"]))
@@ -210,6 +212,32 @@ def sample_text(run: Run, num_tokens: int) -> str:
     return tok.decode(prompt[0].tolist()) + " ⟶ " + tok.decode(ids[0, prompt.shape[1]:].tolist())
 
 
+def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
+    """The loop: steps up to `last_step`. Returns True when a signal stopped it (after a checkpoint)."""
+    train, state = run.recipe["train"], run.state
+    for step in range(state["step"] + 1, last_step + 1):
+        lr = run.engine.get_lr()[0]
+        t = time.time()
+        loss_sum, stops = run.reduce_over_ranks([train_step(run), float(stop.requested)])
+        loss, step_s = loss_sum / run.world_size, time.time() - t
+        state.update(step=step, tokens=state["tokens"] + run.tokens_per_step, train_s=state["train_s"] + step_s)
+        state["losses"].append(loss)
+        if train["eval_every"] and step % train["eval_every"] == 0 and step < train["max_steps"]:
+            run.eval_loss = evaluate(run)
+        if log is not None and (step % train["log_every"] == 0 or step == train["max_steps"]):
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
+                   "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
+                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": run.eval_loss}
+            log.write(row)
+            bar.set_postfix(metrics.bar_fields(row), refresh=False)
+        bar.update(1)
+        if stops or (train["save_every"] and step % train["save_every"] == 0):
+            run.save()
+        if stops:
+            return True
+    return False
+
+
 def run_training(recipe: dict, resume: bool = False) -> dict | None:
     """Train to train.max_steps; returns the summary, or None when stopped by a signal (after a checkpoint)."""
     t0 = time.time()
@@ -219,34 +247,14 @@ def run_training(recipe: dict, resume: bool = False) -> dict | None:
     log = metrics.MetricsLog(run.out / "metrics.csv", resume_step=state["step"] if resume else None) \
         if is_main else None
     bar = metrics.progress_bar(train["max_steps"], enabled=is_main, initial=state["step"])
-    eval_loss, saved_step = None, state["step"] if resume else None
-    for step in range(state["step"] + 1, train["max_steps"] + 1):
-        lr = run.engine.get_lr()[0]
-        t = time.time()
-        loss_sum, stops = run.reduce_over_ranks([train_step(run), float(stop.requested)])
-        loss, step_s = loss_sum / run.world_size, time.time() - t
-        state.update(step=step, tokens=state["tokens"] + run.tokens_per_step, train_s=state["train_s"] + step_s)
-        state["losses"].append(loss)
-        if train["eval_every"] and step % train["eval_every"] == 0 and step < train["max_steps"]:
-            eval_loss = evaluate(run)
-        if is_main and (step % train["log_every"] == 0 or step == train["max_steps"]):
-            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
-                   "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
-                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": eval_loss}
-            log.write(row)
-            bar.set_postfix(metrics.bar_fields(row), refresh=False)
-        bar.update(1)
-        if stops or (train["save_every"] and step % train["save_every"] == 0):
-            run.save()
-            saved_step = step
-        if stops:
-            bar.close()
-            if is_main:
-                print(f"stopped by signal at step {step}: checkpoint saved in {run.out / 'checkpoints'}; "
-                      "continue with --resume", flush=True)
-            return None
+    if train_until(run, train["max_steps"], stop, log, bar):
+        bar.close()
+        if is_main:
+            print(f"stopped by signal at step {state['step']}: checkpoint saved in {run.out / 'checkpoints'}; "
+                  "continue with --resume", flush=True)
+        return None
     bar.close()
-    if train["save_every"] and saved_step != state["step"]:
+    if train["save_every"] and run.saved_step != state["step"]:
         run.save()  # the final step is always resumable and exportable
     eval_loss = evaluate(run)
     sample = sample_text(run, train["sample_tokens"]) if train["sample_tokens"] else ""
