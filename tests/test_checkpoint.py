@@ -24,7 +24,9 @@ def train(out, ds_config="zero2", num_procs=2, steps=20, extra=(), overrides=(),
     proc = run_cli("train", "--recipe", "recipes/debug.yaml", "--ds-config", ds_config, "--num-procs", num_procs,
                    "--output-dir", out, *extra, f"train.max_steps={steps}", "train.precision=fp32", *FAST, *CKPT,
                    *overrides, check=check)
-    return proc if not check else read_summary(out)
+    if not check:
+        return proc
+    return read_summary(out) if (Path(out) / "summary.json").exists() else None  # none when stopped early
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_exact_resume(stage, straight, tmp_path):
     out = tmp_path / "run"
-    first = train(out, stage, steps=10)
-    assert len(first["losses"]) == 10
+    train(out, stage, steps=20, overrides=["train.stop_at_step=10"])  # the schedule is 20 steps long
+    assert not (out / "summary.json").exists() and newest_complete(out / "checkpoints").name == "step_00000010"
     resumed = train(out, stage, steps=20, extra=["--resume"])
     assert resumed["resumed_from"].endswith("step_00000010")
     assert len(resumed["losses"]) == 20  # the whole history, before and after the resume
@@ -49,7 +51,7 @@ def test_exact_resume(stage, straight, tmp_path):
 def test_exact_resume_bf16(tmp_path):
     bf16 = ["train.precision=bf16"]
     want = train(tmp_path / "straight", steps=12, overrides=bf16)["losses"]
-    train(tmp_path / "run", steps=6, overrides=[*bf16, "train.save_every=3"])
+    train(tmp_path / "run", steps=12, overrides=[*bf16, "train.save_every=3", "train.stop_at_step=6"])
     got = train(tmp_path / "run", steps=12, extra=["--resume"], overrides=[*bf16, "train.save_every=3"])["losses"]
     assert_losses_close(got, want, 1e-3)
 
@@ -144,9 +146,12 @@ def test_kill_9_one_rank_resumes_from_last_complete(when, tmp_path):
 def test_resume_on_another_world_size(stage, straight, tmp_path):
     """2 ranks -> 1 (grad_accum 2 keeps the global batch) -> 2 again, through universal checkpoints."""
     out = tmp_path / "run"
-    train(out, stage, num_procs=2, steps=10)
-    one = train(out, stage, num_procs=1, steps=15, extra=["--resume"], overrides=["train.grad_accum=2"])
-    assert one["world_size"] == 1 and (out / "checkpoints" / "universal" / "step_00000010").is_dir()
+    train(out, stage, num_procs=2, steps=20, overrides=["train.stop_at_step=10"])
+    train(out, stage, num_procs=1, steps=20, extra=["--resume"],
+          overrides=["train.grad_accum=2", "train.stop_at_step=15"])
+    state = json.loads((newest_complete(out / "checkpoints") / "zero_trainer_state.json").read_text())
+    assert state["step"] == 15 and state["world_size"] == 1
+    assert (out / "checkpoints" / "universal" / "step_00000010").is_dir()
     two = train(out, stage, num_procs=2, steps=20, extra=["--resume"])
     assert two["world_size"] == 2 and two["resumed_from"].endswith("step_00000015")
     assert_losses_close(two["losses"], straight[stage], 1e-3)
@@ -154,7 +159,7 @@ def test_resume_on_another_world_size(stage, straight, tmp_path):
 
 def test_resume_with_another_stage(straight, tmp_path):
     out = tmp_path / "run"
-    train(out, "zero3", steps=10)
+    train(out, "zero3", steps=20, overrides=["train.stop_at_step=10"])
     summary = train(out, "zero1", steps=20, extra=["--resume"])
     assert summary["ds_config_name"] == "zero1" and len(summary["losses"]) == 20
     assert_losses_close(summary["losses"], straight["zero3"], 1e-3)

@@ -27,7 +27,7 @@ def device_memory_bytes() -> int:
 class MetricsLog:
     """metrics.csv, one row per logged step, flushed at once so a crash keeps what was logged."""
 
-    COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mem_bytes", "eval_loss")
+    COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mem_bytes", "eval_loss", "time")
 
     def __init__(self, path, resume_step: int | None = None):
         kept = []

@@ -227,7 +227,7 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
         if log is not None and (step % train["log_every"] == 0 or step == train["max_steps"]):
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
                    "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
-                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": run.eval_loss}
+                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": run.eval_loss, "time": time.time()}
             log.write(row)
             bar.set_postfix(metrics.bar_fields(row), refresh=False)
         bar.update(1)
@@ -247,11 +247,14 @@ def run_training(recipe: dict, resume: bool = False) -> dict | None:
     log = metrics.MetricsLog(run.out / "metrics.csv", resume_step=state["step"] if resume else None) \
         if is_main else None
     bar = metrics.progress_bar(train["max_steps"], enabled=is_main, initial=state["step"])
-    if train_until(run, train["max_steps"], stop, log, bar):
+    stop_at = min(train["stop_at_step"] or train["max_steps"], train["max_steps"])
+    if train_until(run, stop_at, stop, log, bar) or stop_at < train["max_steps"]:
         bar.close()
+        if run.saved_step != state["step"]:
+            run.save()
         if is_main:
-            print(f"stopped by signal at step {state['step']}: checkpoint saved in {run.out / 'checkpoints'}; "
-                  "continue with --resume", flush=True)
+            print(f"stopped at step {state['step']} of {train['max_steps']}: checkpoint saved in "
+                  f"{run.out / 'checkpoints'}; continue with --resume", flush=True)
         return None
     bar.close()
     if train["save_every"] and run.saved_step != state["step"]:

@@ -1,0 +1,62 @@
+"""Shared bits of the benchmarks: where results go, what machine made them, running under a launcher."""
+
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def machine() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": datetime.date.today().isoformat()}
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    result = {"name": name, "command": f"python -m bench.{name}", "machine": machine(), **result}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def relaunch(module: str, args: list[str], num_procs: int = 1) -> int:
+    """Run `python -m module --worker args` under DeepSpeed's launcher (1 rank by default)."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(free_port()), "--module", module,
+           "--worker", *args]
+    return subprocess.call(cmd, cwd=REPO)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])

@@ -1,0 +1,128 @@
+"""hf_trainer: zero_trainer vs HF Trainer, same DeepSpeed JSON, same tiny Llama, same data and batch, 1 rank.
+
+The model is transformers' own LlamaForCausalLM (the class `zero-trainer export` produces), given to both as
+a local config.json. Both log every step. Steady-state tokens/s = tokens of steps WARMUP+1..STEPS divided by
+the wall time between those steps' ends (zero_trainer: metrics.csv `time`; HF: a callback's on_step_end).
+The arms alternate A/B/A/B/A/B as separate launches; the median of each is reported.
+
+    python -m bench.hf_trainer          # writes bench/results/hf_trainer.json and prints a table
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+STEPS, WARMUP, REPS = 40, 5, 3
+DS_CONFIG = "zero2"
+SEQ, MICRO = 128, 8
+COMMON = [f"train.max_steps={STEPS}", "train.precision=fp32", f"data.seq_len={SEQ}", f"train.micro_batch={MICRO}",
+          "train.grad_accum=1", "train.eval_every=0", "train.sample_tokens=0", "train.save_every=0",
+          "train.eval_batches=1", "data.max_documents=400", "train.lr=1e-3", "train.warmup_steps=2"]
+
+
+def steady_tokens_per_s(times: list[float]) -> float:
+    """times[i] = wall clock at the end of step i+1."""
+    span = times[STEPS - 1] - times[WARMUP - 1]
+    return (STEPS - WARMUP) * SEQ * MICRO / span
+
+
+def llama_config_dir(workdir: Path) -> Path:
+    from zero_trainer.model import model_config
+
+    path = workdir / "llama"
+    model_config("debug").to_llama_config().save_pretrained(path)
+    return path
+
+
+def run_zero_trainer(config_dir: Path, out: Path) -> float:
+    cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml", "--ds-config", DS_CONFIG,
+           "--output-dir", str(out), "model.preset=null", f"model.config={config_dir}", *COMMON]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    times = [float(r.split(",")[header.index("time")]) for r in rows[1:]]
+    return steady_tokens_per_s(times)
+
+
+def run_hf(config_dir: Path, out: Path) -> float:
+    from bench.common import free_port
+
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port", str(free_port()),
+           "--module", "bench.hf_trainer", "--worker-hf", str(config_dir), str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    return steady_tokens_per_s(json.loads((out / "hf_times.json").read_text()))
+
+
+def hf_worker(config_dir: str, out: str) -> None:
+    """HF Trainer with TrainingArguments(deepspeed=ds_configs/zero2.json), the same blocks and batch."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from zero_trainer.ds_config import DS_CONFIG_DIR
+    from zero_trainer.recipe import load_recipe
+    from zero_trainer.trainer import load_data
+
+    recipe = load_recipe("recipes/debug.yaml", ["model.preset=null", f"model.config={config_dir}", *COMMON])
+    config = AutoConfig.from_pretrained(config_dir)
+    data = load_data(recipe, config.vocab_size)
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data.train)
+
+        def __getitem__(self, i):
+            ids = torch.as_tensor(data.train[i], dtype=torch.long)
+            return {"input_ids": ids, "labels": ids}
+
+    times = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.time())
+
+    train = recipe["train"]
+    torch.manual_seed(train["seed"])
+    args = TrainingArguments(output_dir=out, deepspeed=str(DS_CONFIG_DIR / f"{DS_CONFIG}.json"), max_steps=STEPS,
+                             per_device_train_batch_size=MICRO, learning_rate=train["lr"],
+                             warmup_steps=train["warmup_steps"], weight_decay=train["weight_decay"],
+                             adam_beta1=train["betas"][0], adam_beta2=train["betas"][1], max_grad_norm=1.0,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             dataloader_num_workers=0, seed=train["seed"])
+    model = AutoModelForCausalLM.from_config(config)
+    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()]).train()
+    Path(out, "hf_times.json").write_text(json.dumps(times))
+
+
+def main() -> int:
+    if "--worker-hf" in sys.argv:
+        i = sys.argv.index("--worker-hf")
+        hf_worker(sys.argv[i + 1], sys.argv[i + 2])
+        return 0
+    from bench.common import median, table, write_result
+
+    tps = {"zero_trainer": [], "hf_trainer": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        config_dir = llama_config_dir(workdir)
+        for rep in range(REPS):
+            tps["zero_trainer"].append(run_zero_trainer(config_dir, workdir / f"zt{rep}"))
+            tps["hf_trainer"].append(run_hf(config_dir, workdir / f"hf{rep}"))
+    medians = {k: median(v) for k, v in tps.items()}
+    ratio = medians["zero_trainer"] / medians["hf_trainer"]
+    write_result("hf_trainer", {
+        "ratio": ratio, "goal": 1.1, "ds_config": DS_CONFIG, "model": "LlamaForCausalLM (debug shape)",
+        "seq_len": SEQ, "micro_batch": MICRO, "steps": STEPS, "warmup_steps_excluded": WARMUP, "reps": REPS,
+        "tokens_per_s": medians, "tokens_per_s_all": tps, "threads": os.cpu_count()})
+    print(table([{"arm": k, "median tok/s": f"{medians[k]:.0f}", "all": " ".join(f"{x:.0f}" for x in v)}
+                 for k, v in tps.items()], ["arm", "median tok/s", "all"]))
+    print(f"ratio zero_trainer / HF Trainer = {ratio:.3f} (goal >= 1.1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
