@@ -4,10 +4,13 @@
 """
 
 import argparse
+import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .errors import UsageError
@@ -41,25 +44,47 @@ def launcher_command(args, recipe_path: str) -> list[str]:
 
 
 def run_launcher(cmd: list[str]) -> int:
-    """Run the deepspeed launcher; SIGTERM/SIGINT to us reach it (it forwards them to every rank)."""
-    proc = subprocess.Popen(cmd, start_new_session=False)
+    """Run the deepspeed launcher in its own process group; a SIGTERM/SIGINT to us goes to the whole group.
+
+    DeepSpeed's top-level runner does not forward signals on a single node, so signalling only it would
+    orphan the ranks. Each rank catches SIGTERM, checkpoints the current step and exits; we wait for that.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received = []
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    return proc.wait()
+    code = proc.wait()
+    if received:
+        deadline = time.time() + 120  # the ranks are writing their checkpoint
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        return 128 + received[0]
+    return code
 
 
 def cmd_train(args) -> int:
-    from .ds_config import preflight
-    from .ops import clear_stale_locks
     from .train import recipe_from_args
 
-    recipe = recipe_from_args(args)
+    recipe = recipe_from_args(args)  # cheap first: most bad input is caught before torch is imported
+    from .checkpoint import check_resume
+    from .ds_config import preflight
+    from .model import model_config
+    from .ops import clear_stale_locks
+    from .trainer import model_source
+
     world_size = args.num_procs or _local_device_count()
     preflight(recipe, world_size=world_size)
+    check_resume(recipe, model_config(model_source(recipe)), args.resume)
     clear_stale_locks()
     recipe_path = str(Path(recipe["recipe_path"]).resolve())
     cmd = launcher_command(args, recipe_path)
@@ -86,13 +111,23 @@ def add_train_subcommand(sub) -> None:
 # Each subcommand lives beside the code it drives; each module has add_subcommand(subparsers).
 SUBCOMMANDS = [
     "zero_trainer.cli:add_train_subcommand",
+    "zero_trainer.plan:add_subcommand",
+    "zero_trainer.export:add_subcommand",
+    "zero_trainer.doctor:add_subcommand",
 ]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a missing --recipe) as the one line every bad input gets."""
+
+    def error(self, message):
+        self.exit(2, UsageError(message, "command line", f"see '{self.prog} --help'").line() + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="zero-trainer", description=__doc__.splitlines()[0])
+    p = _Parser(prog="zero-trainer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for entry in SUBCOMMANDS:
         module, func = entry.split(":")
@@ -101,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from .train import parse_with_overrides
+
+    args = parse_with_overrides(build_parser(), argv)
     try:
         if getattr(args, "num_procs", None) is not None and args.num_procs < 1:
             raise UsageError(f"--num-procs {args.num_procs} is invalid", "--num-procs", "use a whole number >= 1")

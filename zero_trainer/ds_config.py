@@ -3,11 +3,19 @@
 Nobody else edits config dicts. The "auto" convention is HF Trainer's (transformers/integrations/deepspeed.py):
 an "auto" value is filled from the recipe; an explicit value that contradicts the recipe is an error listing
 every mismatch, so the same JSON file works unchanged here and in `TrainingArguments(deepspeed=path)`.
+
+`preflight` runs every check that can run before a process starts; `validate_ds_config` checks a JSON with
+DeepSpeed's own parser (its pydantic models, and which keys it actually reads) rather than a list of ours.
 """
 
+import contextlib
 import copy
+import difflib
 import json
 import os
+import shutil
+import sys
+import typing
 from pathlib import Path
 
 from .errors import UsageError, did_you_mean
@@ -26,26 +34,50 @@ def available_ds_configs() -> list[str]:
     return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
 
 
+def ds_config_path(name_or_path: str) -> Path:
+    """The JSON file behind a ds_configs/ name without `.json` (`zero3_offload`) or a path."""
+    if name_or_path.endswith(".json") or os.sep in name_or_path:
+        return Path(name_or_path)
+    return DS_CONFIG_DIR / f"{name_or_path}.json"
+
+
 def load_ds_config(name_or_path: str) -> tuple[str, dict]:
     """A ds_configs/ name without `.json` (`zero3_offload`) or a path. Returns (name, config dict)."""
-    path = Path(name_or_path)
-    if not (name_or_path.endswith(".json") or os.sep in name_or_path):
-        path = DS_CONFIG_DIR / f"{name_or_path}.json"
-        if not path.is_file():
-            raise UsageError(f"unknown ds_config '{name_or_path}'", "deepspeed.config",
-                             did_you_mean(name_or_path, available_ds_configs() + ["auto"]) +
-                             " (or give a path to a JSON file)")
+    path = ds_config_path(name_or_path)
+    if not (name_or_path.endswith(".json") or os.sep in name_or_path) and not path.is_file():
+        raise UsageError(f"unknown ds_config '{name_or_path}'", "deepspeed.config",
+                         did_you_mean(name_or_path, available_ds_configs() + ["auto"]) +
+                         " (or give a path to a JSON file)")
     if not path.is_file():
         raise UsageError(f"ds_config file '{name_or_path}' not found", "deepspeed.config",
                          "give an existing JSON path or a name from ds_configs/")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         raise UsageError(f"ds_config is not valid JSON: {err.msg}", f"{path}:{err.lineno}:{err.colno}",
                          "fix the JSON at that position") from None
+    except _DuplicateKey as dup:
+        raise UsageError(f"ds_config has the key '{dup.key}' twice in one object", str(path),
+                         "keep one of them (JSON silently keeps the last; DeepSpeed's own loader refuses it)") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"ds_config is not UTF-8 text (byte {err.start})", str(path),
+                         "save the file as UTF-8 JSON") from None
     if not isinstance(config, dict):
         raise UsageError("ds_config must be a JSON object", str(path), "wrap the settings in { ... }")
     return path.stem, config
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
 
 
 def select_ds_config(recipe: dict, model_cfg, world_size: int) -> tuple[str, dict]:
@@ -79,9 +111,10 @@ class _Filler:
     """HF's fill_match: replace "auto", and record explicit values that disagree with the recipe."""
 
     def __init__(self, config: dict):
-        self.config, self.mismatches = config, []
+        self.config, self.mismatches, self.keys = config, [], []
 
     def fill(self, dotted: str, value, recipe_field: str, must_match: bool = True):
+        self.keys.append(dotted)
         *parents, leaf = dotted.split(".")
         node = self.config
         for part in parents:
@@ -94,9 +127,22 @@ class _Filler:
             self.mismatches.append(f"{dotted}={node[leaf]!r} vs {recipe_field}={value!r}")
 
 
-def resolve_auto_values(ds: dict, recipe: dict, *, world_size: int, hidden_size: int,
-                        largest_param_numel: int = 0, output_dir: str | None = None) -> dict:
-    """A copy of `ds` with every "auto" filled from the recipe, ready for deepspeed.initialize."""
+# "auto" values filled from the model once it is known (resolve_auto_values); the recipe fills the others.
+MODEL_AUTO_KEYS = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                   "zero_optimization.stage3_param_persistence_threshold")
+
+
+def fill_from_recipe(ds: dict, recipe: dict, *, world_size: int) -> tuple[dict, list[str]]:
+    """A copy of `ds` with the recipe's "auto" values filled, and the explicit values that contradict it.
+
+    Bucket sizes (from the model's hidden size) stay "auto": DeepSpeed's own parser drops a top-level "auto" in
+    its pydantic blocks, so this half is enough to validate a config before the model is known.
+    """
+    f = _recipe_filler(ds, recipe, world_size)
+    return f.config, f.mismatches
+
+
+def _recipe_filler(ds: dict, recipe: dict, world_size: int) -> _Filler:
     ds = copy.deepcopy(ds)
     train = recipe["train"]
     ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
@@ -121,15 +167,23 @@ def resolve_auto_values(ds: dict, recipe: dict, *, world_size: int, hidden_size:
     f.fill("scheduler.params.warmup_min_lr", 0, "train.lr", must_match=False)
     f.fill("fp16.enabled", precision == "fp16", "train.precision")
     f.fill("bf16.enabled", precision == "bf16", "train.precision")
+    return f
+
+
+def resolve_auto_values(ds: dict, recipe: dict, *, world_size: int, hidden_size: int,
+                        largest_param_numel: int = 0, output_dir: str | None = None) -> dict:
+    """A copy of `ds` with every "auto" filled from the recipe, ready for deepspeed.initialize."""
+    ds, mismatches = fill_from_recipe(ds, recipe, world_size=world_size)
+    if mismatches:
+        raise UsageError("ds_config contradicts the recipe: " + "; ".join(mismatches), "deepspeed.config",
+                         'set these DeepSpeed values to "auto" or change the recipe to match')
+    f = _Filler(ds)
     # Bucket sizes scale with the hidden size, as HF's trainer_config_finalize sets them.
     f.fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size, "model.hidden_size", must_match=False)
     f.fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size),
            "model.hidden_size", must_match=False)
     f.fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size, "model.hidden_size",
            must_match=False)
-    if f.mismatches:
-        raise UsageError("ds_config contradicts the recipe: " + "; ".join(f.mismatches), "deepspeed.config",
-                         'set these DeepSpeed values to "auto" or change the recipe to match')
 
     zero = ds.get("zero_optimization", {})
     nvme_path = recipe["deepspeed"]["nvme_path"] or (os.path.join(output_dir, "nvme") if output_dir else None)
@@ -148,34 +202,424 @@ def resolve_auto_values(ds: dict, recipe: dict, *, world_size: int, hidden_size:
     return ds
 
 
-def preflight(recipe: dict, world_size: int) -> dict:
-    """Every check that can run before a process is launched. Raises UsageError; returns the resolved config.
+# ---------------------------------------------------------------------------------------------------------
+# validation: everything that can be checked before a process is launched
 
-    Checks run in the order a user would fix them: model, precision, DeepSpeed JSON, data.
+# Read by deepspeed.initialize from the raw dict, outside DeepSpeedConfig's parser.
+_READ_BY_INITIALIZE = {"data_parallel_size", "sequence_parallel_size"}
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+class _Reads:
+    """Which keys DeepSpeed's parser asked for, per block (a tuple path); None marks a block read whole."""
+
+    def __init__(self):
+        self.by_block: dict[tuple, set | None] = {}
+        self.last_top_level: str | None = None
+
+
+class _ReadLog(dict):
+    """A config dict that notes which keys DeepSpeed's parser looks up by name.
+
+    DeepSpeed silently ignores a key it never reads: a misspelt `gradient_clippin` trains without clipping,
+    `aio.thread_count` (renamed) does nothing. Parsing a copy wrapped in _ReadLog tells, block by block, which
+    keys DeepSpeed itself reads. A block the parser iterates or hands on whole (to a pydantic model, to the
+    optimizer) is left alone: pydantic forbids unknown keys itself, optimizer params belong to torch.
     """
-    import torch
 
-    from .data import DataError
+    def __init__(self, data: dict, reads: _Reads, path: tuple = ()):
+        super().__init__({k: _ReadLog(v, reads, path + (k,)) if isinstance(v, dict) else v for k, v in data.items()})
+        self._reads, self._path = reads, path
+        reads.by_block[path] = set()
+
+    def _read(self, key):
+        if not self._path:
+            self._reads.last_top_level = key
+        names = self._reads.by_block[self._path]
+        if names is not None:
+            names.add(key)
+
+    def _read_whole(self):
+        self._reads.by_block[self._path] = None
+
+    def get(self, key, default=None):
+        self._read(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self._read(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self._read(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _ReadLogKeys(self)
+
+    def __iter__(self):
+        self._read_whole()
+        return super().__iter__()
+
+    def items(self):
+        self._read_whole()
+        return super().items()
+
+    def values(self):
+        self._read_whole()
+        return super().values()
+
+    def __copy__(self):
+        self._read_whole()
+        return dict(super().items())
+
+
+class _ReadLogKeys:
+    """`key in d.keys()` is a read by name; iterating the keys reads the block whole."""
+
+    def __init__(self, owner: _ReadLog):
+        self._owner = owner
+
+    def __contains__(self, key):
+        return key in self._owner
+
+    def __iter__(self):
+        return iter(self._owner)
+
+    def __len__(self):
+        return len(self._owner)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "remove it, or check the name in https://www.deepspeed.ai/docs/config-json/"
+
+
+def _node(ds: dict, path: tuple):
+    for part in path:
+        ds = ds.get(part) if isinstance(ds, dict) else None
+    return ds
+
+
+def _pydantic_keys(model_name: str, loc: tuple) -> set[str]:
+    """Field names and aliases of the DeepSpeed pydantic model at `loc` inside the model named model_name."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    from pydantic import BaseModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    def model_in(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next((m for m in map(model_in, typing.get_args(annotation)) if m), None)
+
+    model = next((c for c in subclasses(DeepSpeedConfigModel) if c.__name__ == model_name), None)
+    for part in loc:
+        field = model and next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = model_in(field.annotation) if field else None
+    if model is None:
+        return set()
+    return {name for n, f in model.model_fields.items() for name in (n, f.alias) if name}
+
+
+def _pydantic_error(err, ds: dict, reads: _Reads, source) -> UsageError:
+    errors = err.errors()
+    first, more = errors[0], f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    loc = tuple(str(part) for part in first["loc"])
+    # The model's loc is relative to its block: find the block (the one being parsed, usually). An empty loc is
+    # a whole-block check (a model validator) of the block being parsed.
+    prefixes = [(), (reads.last_top_level,)] + [(k,) for k, v in ds.items() if isinstance(v, dict)]
+    prefix = next((p for p in prefixes if loc and isinstance(_node(ds, p + loc[:-1]), dict)
+                   and loc[-1] in _node(ds, p + loc[:-1])), () if loc else (reads.last_top_level,))
+    dotted = ".".join(prefix + loc)
+    if not loc:
+        return UsageError(f"DeepSpeed rejects the '{dotted}' block{more}", str(source), _one_line(first["msg"]))
+    if first["type"] == "extra_forbidden":
+        return UsageError(f"unknown DeepSpeed config key '{dotted}'{more}", str(source),
+                          _suggest(loc[-1], _pydantic_keys(err.title, loc[:-1])))
+    return UsageError(f"DeepSpeed rejects {dotted} = {first.get('input')!r}{more}", str(source),
+                      f"give a value DeepSpeed accepts ({_one_line(first['msg'])})")
+
+
+def _deepspeed_parse(ds: dict, world_size: int, source):
+    """DeepSpeed's own parse of `ds` (DeepSpeedConfig.__init__ minus its probe of torch.distributed, which
+    does not exist yet in the launcher): returns the parsed config and which keys it read."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = DeepSpeedConfig.__new__(DeepSpeedConfig)
+    cfg.global_rank, cfg.world_size, cfg._param_dict = 0, world_size, ds
+    reads = _Reads()
+    try:
+        cfg._initialize_params(_ReadLog(ds, reads))
+    except pydantic.ValidationError as err:
+        raise _pydantic_error(err, ds, reads, source) from None
+    except Exception as err:  # DeepSpeed's asserts and getters on a malformed block: one line, not a traceback
+        raise UsageError(f"DeepSpeed cannot parse this config: {_one_line(err) or type(err).__name__}",
+                         str(source), "compare the block with https://www.deepspeed.ai/docs/config-json/") from None
+    return cfg, reads
+
+
+def _check_removed_keys(ds: dict, source) -> None:
+    from deepspeed.runtime import config as ds_runtime_config
+
+    removed = [((key,), msg) for key, msg in getattr(ds_runtime_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}).items()]
+    removed += [(("zero_optimization", key), msg)
+                for key, msg in getattr(ds_runtime_config, "_REMOVED_ZERO_CONFIG_KEYS", {}).items()]
+    for path, message in removed:
+        parent = _node(ds, path[:-1])
+        if isinstance(parent, dict) and path[-1] in parent:
+            import deepspeed
+
+            raise UsageError(f"DeepSpeed {deepspeed.__version__} no longer supports '{'.'.join(path)}'", str(source),
+                             "remove it: " + _one_line(message.split(" See http")[0]))
+
+
+def _check_unread_keys(ds: dict, reads: _Reads, source) -> None:
+    for path, names in reads.by_block.items():
+        if names is None or (path and not names):
+            continue  # read whole (pydantic checked it), or never asked by name (passed on as it is)
+        known = names | _READ_BY_INITIALIZE if not path else names
+        for key in _node(ds, path):
+            if key not in known:
+                dotted = ".".join(path + (key,))
+                raise UsageError(f"unknown DeepSpeed config key '{dotted}' (DeepSpeed would ignore it)",
+                                 str(source), _suggest(key, known))
+
+
+def _check_offload(ds: dict, source) -> None:
+    """Combinations DeepSpeed accepts without a word (or refuses only inside a rank) but does not honour."""
+    zero = ds.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        return  # no ZeRO block, or a stage DeepSpeed's parser will name
+    opt, param = zero.get("offload_optimizer") or {}, zero.get("offload_param") or {}
+    if not isinstance(opt, dict) or not isinstance(param, dict):
+        return
+    where = f"zero_optimization in {source}"
+    if stage < 3 and param.get("device", "none") != "none":
+        raise UsageError(f"offload_param is ignored at ZeRO stage {stage}", where,
+                         "parameters are offloaded only at stage 3: set zero_optimization.stage to 3 "
+                         "(e.g. --ds-config zero3_offload) or remove offload_param")
+    if stage < 3 and opt.get("device") == "nvme":
+        raise UsageError(f"NVMe optimizer offload is ignored at ZeRO stage {stage} (nothing is written to NVMe)",
+                         where, "DeepSpeed swaps optimizer state to NVMe only at stage 3: use stage 3 "
+                         "(e.g. --ds-config zero3_nvme) or offload_optimizer.device cpu")
+    ratio = opt.get("ratio", 1.0)
+    if stage < 3 and isinstance(ratio, (int, float)) and ratio < 1:
+        raise UsageError(f"offload_optimizer.ratio {ratio} (partial offload) works only at ZeRO stage 3, "
+                         f"not {stage}", where, "set zero_optimization.stage to 3 or remove ratio")
+    if stage == 0 and opt.get("device", "none") != "none":
+        raise UsageError("offload_optimizer is ignored at ZeRO stage 0", where,
+                         "optimizer offload needs stage 1, 2 or 3 (e.g. --ds-config zero2_offload), "
+                         "or remove offload_optimizer")
+
+
+def _check_batch(raw: dict, cfg, mismatches: list[str], recipe: dict, world_size: int, source) -> None:
+    explicit = {k: raw.get(k) for k in _BATCH_KEYS}
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in explicit.values()):
+        tbs, micro, accum = explicit.values()
+        if tbs != micro * accum * world_size:
+            raise UsageError(f"train_batch_size {tbs} != train_micro_batch_size_per_gpu {micro} x "
+                             f"gradient_accumulation_steps {accum} x world size {world_size}", str(source),
+                             'make the three agree, or set them to "auto" to follow the recipe')
+    if mismatches:
+        raise UsageError("ds_config contradicts the recipe: " + "; ".join(mismatches), str(source),
+                         'set these DeepSpeed values to "auto" or change the recipe to match')
+    try:
+        cfg._configure_train_batch_size()  # DeepSpeed derives a missing one from the other two
+    except AssertionError as err:
+        raise UsageError(f"DeepSpeed rejects the batch sizes: {_one_line(err)}", str(source),
+                         'set ' + ", ".join(_BATCH_KEYS) + ' to "auto"') from None
+    micro, accum = recipe["train"]["micro_batch"], recipe["train"]["grad_accum"]
+    derived = [(key, getattr(cfg, key), want, field) for key, want, field in (
+        ("train_micro_batch_size_per_gpu", micro, "train.micro_batch"),
+        ("gradient_accumulation_steps", accum, "train.grad_accum"),
+        ("train_batch_size", micro * accum * world_size, "train.micro_batch*train.grad_accum*world_size"))]
+    if wrong := [f"{key}={got} vs {field}={want}" for key, got, want, field in derived if got != want]:
+        raise UsageError("DeepSpeed would derive batch sizes that contradict the recipe: " + "; ".join(wrong),
+                         str(source), 'give all of ' + ", ".join(_BATCH_KEYS) + ' as "auto"')
+
+
+def _auto_keys(node, path=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _auto_keys(value, path + (key,))
+    elif node == "auto":
+        yield ".".join(path)
+
+
+def _check_unfilled_autos(filled: dict, recipe_keys: list[str], source) -> None:
+    """An "auto" nothing fills is silently dropped by DeepSpeed (a misspelt key set to "auto" vanishes) or
+    reaches it as the string "auto"."""
+    fillable = set(recipe_keys) | set(MODEL_AUTO_KEYS)
+    for dotted in _auto_keys(filled):
+        if dotted not in fillable:
+            close = difflib.get_close_matches(dotted, sorted(fillable), n=1, cutoff=0.8)
+            fix = (f"did you mean '{close[0]}'?" if close else
+                   'give a value; "auto" works only where HF Trainer fills it: ' + ", ".join(sorted(fillable)))
+            raise UsageError(f'"auto" at {dotted} is filled by nothing (DeepSpeed would drop it or choke on it)',
+                             str(source), fix)
+
+
+def _enabled(ds: dict, key: str) -> bool:
+    block = ds.get(key)
+    return isinstance(block, dict) and block.get("enabled") is True
+
+
+def validate_ds_config(ds: dict, recipe: dict, *, world_size: int, source="deepspeed.config") -> dict:
+    """Check a DeepSpeed JSON with DeepSpeed's own parser and against the recipe; returns it recipe-filled.
+
+    Raises UsageError for: keys DeepSpeed removed, fp16 and bf16 both on, keys DeepSpeed rejects (pydantic
+    blocks) or silently ignores (the rest), bad values, offload combinations that do nothing below stage 3,
+    batch sizes that contradict each other or the recipe, and whatever DeepSpeed's own error check refuses.
+    """
+    _check_removed_keys(ds, source)
+    filler = _recipe_filler(ds, recipe, world_size)
+    filled, mismatches = filler.config, filler.mismatches
+    _check_unfilled_autos(filled, filler.keys, source)
+    if _enabled(filled, "fp16") and (_enabled(filled, "bf16") or _enabled(filled, "bfloat16")):
+        raise UsageError("fp16 and bf16 are both enabled", f"fp16.enabled, bf16.enabled in {source}",
+                         'enable at most one, or set both to "auto" to follow train.precision')
+    _check_offload(filled, source)
+    cfg, reads = _deepspeed_parse(filled, world_size, source)
+    _check_unread_keys(filled, reads, source)
+    _check_batch(ds, cfg, mismatches, recipe, world_size, source)
+    try:
+        cfg._do_error_check()
+    except (AssertionError, ValueError) as err:
+        raise UsageError(f"DeepSpeed rejects this config: {_one_line(err)}", str(source),
+                         "change the setting it names") from None
+    return filled
+
+
+def unwritable_reason(path) -> str | None:
+    """Why this user cannot write (or create) directory `path`; None when it can. Creates nothing."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        return f"{target} exists and is not a directory"
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so {target} cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable (permissions or a read-only file system)"
+    return None
+
+
+def free_bytes(path) -> int:
+    """Free space on the file system that holds `path` (or would, once created)."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing if existing.is_dir() else existing.parent).free
+
+
+def nvme_path_for(recipe: dict) -> str:
+    return recipe["deepspeed"]["nvme_path"] or os.path.join(recipe["output_dir"], "nvme")
+
+
+def uses_nvme(ds: dict) -> bool:
+    return "nvme" in (offload_device(ds, "optimizer"), offload_device(ds, "param"))
+
+
+def nvme_bytes_needed(ds: dict, params: int, precision: str) -> int:
+    """What ZeRO-Infinity swaps to NVMe, summed over ranks: the optimizer (fp32 master weights, gradients,
+    two Adam moments: 16 bytes a parameter) and the parameters themselves in the training dtype."""
+    per_param = 16 if offload_device(ds, "optimizer") == "nvme" else 0
+    per_param += (4 if precision == "fp32" else 2) if offload_device(ds, "param") == "nvme" else 0
+    return params * per_param
+
+
+def _check_run_dirs(recipe: dict, ds: dict) -> None:
+    if reason := unwritable_reason(recipe["output_dir"]):
+        raise UsageError(f"output_dir cannot be written: {reason}", "output_dir",
+                         "choose a writable directory with --output-dir or output_dir=...")
+    if uses_nvme(ds) and (reason := unwritable_reason(nvme_path_for(recipe))):
+        raise UsageError(f"nvme_path cannot be written: {reason}", "deepspeed.nvme_path",
+                         "point --nvme-path at a writable directory on a local disk")
+
+
+def _check_nvme(recipe: dict, ds: dict, model_cfg) -> None:
+    if not uses_nvme(ds):
+        return
+    from .model import count_params
+    from .ops import libaio_available
+
+    params = count_params(model_cfg)
+    needed, path = nvme_bytes_needed(ds, params, recipe["train"]["precision"]), nvme_path_for(recipe)
+    free = free_bytes(path)
+    if needed > free:
+        raise UsageError(f"nvme_path {path} has {free / 2**30:.1f} GiB free; NVMe offload of this "
+                         f"{params / 1e9:.2f}B-parameter model needs about {needed / 2**30:.1f} GiB",
+                         "deepspeed.nvme_path", "point --nvme-path at a disk with enough room, or use a smaller "
+                         "model or CPU offload (zero3_offload)")
+    if not libaio_available():
+        raise UsageError("NVMe offload needs DeepSpeed's async_io op, which cannot be built here (libaio not found)",
+                         "deepspeed.config", "apt-get install -y libaio-dev, or use CPU offload (zero3_offload)")
+
+
+def _model_config(recipe: dict):
     from .model import model_config
-    from .trainer import load_data, model_source
+    from .trainer import model_source
 
     field = "model.config" if recipe["model"]["config"] else "model.preset"
     try:
-        cfg = model_config(model_source(recipe))
+        return model_config(model_source(recipe))
     except (ValueError, OSError) as err:
         raise UsageError(str(err).splitlines()[0], field,
                          "use a preset name or a local causal-LM config.json") from None
+
+
+def _check_data(recipe: dict, vocab_size: int) -> None:
+    from .data import DataError
+    from .trainer import load_data
+
+    try:
+        # Progress bars and library chatter go to stdout: on failure stderr holds the one error line.
+        with contextlib.redirect_stderr(sys.stdout):
+            load_data(recipe, vocab_size)
+    except DataError as err:
+        raise UsageError(_one_line(err)) from None  # DataError already says where: file:line or the field
+    except (OSError, ValueError) as err:  # a reader's own error on a malformed file
+        raise UsageError(f"cannot read the data: {_one_line(err)}", f"data.path={recipe['data']['path']}",
+                         "check that data.path holds .jsonl/.parquet/.txt files or a saved dataset") from None
+
+
+def preflight(recipe: dict, world_size: int) -> dict:
+    """Every check that can run before a process is launched. Raises UsageError; returns the resolved config.
+
+    Cheapest first, so most mistakes fail in seconds: the DeepSpeed JSON file, precision, the JSON through
+    DeepSpeed's own parser, the directories the run will write, the model, NVMe room, then the data (tokenized
+    and cached here, so the ranks find it ready). Creates nothing: no output dir, no nvme dir; only the data
+    cache fills.
+    """
+    name = recipe["deepspeed"]["config"]
+    cfg = _model_config(recipe) if name == "auto" else None  # the planner sizes the model first
+    picked, raw = select_ds_config(recipe, cfg, world_size)
+    import torch
+
+    if recipe["train"]["precision"] == "fp16" and not torch.cuda.is_available():
+        raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
+                         "use train.precision=bf16 or fp32 on CPU")
+    validate_ds_config(raw, recipe, world_size=world_size, source=ds_config_path(picked if name == "auto" else name))
+    _check_run_dirs(recipe, raw)
+    cfg = cfg or _model_config(recipe)
     seq_len, positions = recipe["data"]["seq_len"], getattr(cfg, "max_position_embeddings", None)
     if positions and seq_len > positions:
         raise UsageError(f"data.seq_len {seq_len} exceeds the model's max_position_embeddings {positions}",
                          "data.seq_len", f"use data.seq_len <= {positions}")
-    if recipe["train"]["precision"] == "fp16" and not torch.cuda.is_available():
-        raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
-                         "use train.precision=bf16 or fp32 on CPU")
-    _, raw = select_ds_config(recipe, cfg, world_size)
+    _check_nvme(recipe, raw, cfg)
     resolved = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=cfg.hidden_size)
-    try:
-        load_data(recipe, cfg.vocab_size)
-    except DataError as err:
-        raise UsageError(str(err)) from None  # DataError already says where: file:line or the field
+    _check_data(recipe, cfg.vocab_size)
     return resolved

@@ -49,6 +49,7 @@ DEFAULTS = {
         "sample_tokens": 24,
         "save_every": 0,
         "keep_last": 2,
+        "stop_at_step": None,  # checkpoint and stop here without finishing the schedule (time-boxed jobs)
     },
     "deepspeed": {
         "config": "zero2",  # a ds_configs/ name, a path to a JSON file, or "auto" (the planner picks)
@@ -112,6 +113,7 @@ FIELD_RULES = {
     "train.sample_tokens": _nonneg_int,
     "train.save_every": _nonneg_int,
     "train.keep_last": _pos_int,
+    "train.stop_at_step": ((int, type(None)), lambda v: v is None or v >= 1, "a whole number >= 1 or null"),
     "deepspeed.config": ((str,), lambda v: v.strip() != "", "a ds_configs name, a JSON path, or auto"),
     "deepspeed.nvme_path": _opt_str,
     "output_dir": ((str,), lambda v: v.strip() != "", "a directory path"),
@@ -123,15 +125,26 @@ def _leaves(tree: dict, prefix: str = ""):
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             yield from _leaves(value, path + ".")
+        elif value is None and path in SECTIONS:
+            continue  # `train:` with nothing under it is an empty section, not a value
         else:
             yield path, value
 
 
+SECTIONS = {key for key, value in DEFAULTS.items() if isinstance(value, dict)}
 ALL_FIELDS = {path for path, _ in _leaves(DEFAULTS)}
 
 
 def set_field(recipe: dict, dotted: str, value, where: str) -> None:
     if dotted not in ALL_FIELDS:
+        section = dotted.split(".")[0]
+        top_level = SECTIONS | {f for f in ALL_FIELDS if "." not in f}
+        if dotted in SECTIONS:
+            raise UsageError(f"recipe section '{dotted}' must be a mapping of fields, got {value!r}", where,
+                             f"write fields under it, e.g. {dotted}.{next(iter(DEFAULTS[dotted]))}")
+        if section not in top_level:
+            kind = "section" if "." in dotted else "key"
+            raise UsageError(f"unknown recipe {kind} '{section}'", where, did_you_mean(section, top_level))
         raise UsageError(f"unknown recipe field '{dotted}'", where, did_you_mean(dotted, ALL_FIELDS))
     node = recipe
     *parents, leaf = dotted.split(".")

@@ -1,0 +1,273 @@
+"""A catalog of bad inputs through the real CLI (`python -m zero_trainer train ...` in a subprocess).
+
+Every one must end the same way: exit code 2, stderr exactly one line `error: <what> (<where>): <fix>` that
+names the field or file, no traceback, and nothing under the test's directory created or changed — no output
+dir, no nvme dir, and an existing output dir with checkpoints left byte for byte and mtime for mtime.
+
+Cheap cases (argparse, recipe, JSON files) fail in well under a second; the ones that reach DeepSpeed's parser,
+the model or the data pay for importing them (a few seconds each), so the corpora here are tiny.
+"""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+# --------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def write(path: Path, content) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
+    return path
+
+
+def ds_json(t: Path, named_change) -> Path:
+    """A shipped ds_configs/ JSON with one change applied, written under t."""
+    name, change = named_change
+    config = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / f"{name}.json").read_text())
+    change(config)
+    return write(t / "inputs" / "ds.json", config)
+
+
+def recipe_file(t: Path, text: str) -> Path:
+    return write(t / "inputs" / "recipe.yaml", text)
+
+
+def readonly_dir(t: Path) -> Path:
+    """A directory this user cannot write: a chmod'ed one, or for root (who ignores modes) a read-only mount."""
+    if os.geteuid() != 0:
+        d = t / "inputs" / "readonly"
+        d.mkdir(parents=True)
+        d.chmod(0o500)
+        return d
+    if not os.access("/proc/sys", os.W_OK):
+        return Path("/proc/sys")
+    pytest.skip("running as root with no read-only file system to point at")
+
+
+def big_tokenizer(t: Path, size: int) -> Path:
+    """A saved fast tokenizer with `size` tokens (more than the debug preset's 2048-token embedding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = t / "inputs" / "tokenizer"
+    d.mkdir(parents=True)
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(size - 2)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(d / "tokenizer.json"))
+    write(d / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>",
+                                        "unk_token": "<unk>"})
+    return d
+
+
+def nvme_too_small(t: Path) -> list:
+    import shutil
+
+    if shutil.disk_usage(t).free > 1.2e12:  # the 70b preset needs ~1.2 TB of swap at 18 bytes a parameter
+        pytest.skip("this disk has room for a 70B NVMe swap")
+    return ["--ds-config", "zero3_nvme", "--nvme-path", t / "nvme", "model.preset=70b"]
+
+
+TEXT = "The quick brown fox jumps over the lazy dog.\n\nPack my box with five dozen liquor jugs.\n"
+D = ["--recipe", "debug"]
+
+
+def data(t: Path, name: str, content) -> str:
+    return f"data.path={write(t / 'inputs' / name, content)}"
+
+
+def with_ds(name, change=None):
+    """Args for a ds JSON: a shipped one (by name) with `change` applied, written to the test dir."""
+    return lambda t: [*D, "--ds-config", ds_json(t, (name, change))]
+
+
+def zero(**keys):
+    return lambda c: c["zero_optimization"].update(keys)
+
+
+def rename_key(block, old, new):
+    def change(c):
+        node = c[block] if block else c
+        node[new] = node.pop(old)
+    return change
+
+
+# id -> (args builder: tmp dir -> CLI args after `train`, substrings of the error line, pre-existing output dir).
+# --output-dir OUT is added unless the builder gives its own.
+CATALOG = {
+    # the command line
+    "unknown flag": (lambda t: [*D, "--epochs", "3"], ["unrecognized arguments: --epochs", "command line"], False),
+    "missing --recipe": (lambda t: [], ["required: --recipe", "command line"], False),
+    "--num-procs not a number": (lambda t: [*D, "--num-procs", "two"], ["--num-procs", "invalid int"], False),
+    "--num-procs 0": (lambda t: [*D, "--num-procs", "0"], ["--num-procs 0 is invalid"], False),
+    "override not KEY=VALUE": (lambda t: [*D, "train.max_steps"], ["KEY=VALUE", "command line"], False),
+    # the recipe
+    "recipe file missing": (lambda t: ["--recipe", "recipes/nope.yaml"], ["recipe file", "--recipe"], False),
+    "recipe YAML syntax": (lambda t: ["--recipe", recipe_file(t, "model:\n  preset: [debug\n")],
+                           ["not valid YAML", "recipe.yaml:3:"], False),
+    "recipe not a mapping": (lambda t: ["--recipe", recipe_file(t, "- model\n- train\n")],
+                             ["mapping of sections", "recipe.yaml"], False),
+    "unknown recipe section": (lambda t: ["--recipe", recipe_file(t, "model:\n  preset: debug\ntrainer:\n  lr: 1\n")],
+                               ["unknown recipe section 'trainer'", "did you mean 'train'"], False),
+    "unknown recipe field": (lambda t: [*D, "train.max_stepz=3"], ["unknown recipe field", "train.max_steps"], False),
+    "value out of range": (lambda t: [*D, "train.max_steps=-1"], ["train.max_steps", "whole number"], False),
+    "float for a whole number": (lambda t: [*D, "train.micro_batch=2.5"], ["train.micro_batch = 2.5"], False),
+    "text for a bool": (lambda t: [*D, "train.activation_checkpointing=maybe"],
+                        ["train.activation_checkpointing", "true or false"], False),
+    "unknown precision": (lambda t: [*D, "train.precision=fp8"], ["train.precision", "bf16, fp16, fp32"], False),
+    "betas of the wrong length": (lambda t: [*D, "train.betas=[0.9]"], ["train.betas"], False),
+    "preset and config both set": (lambda t: [*D, "model.config=cfg.json"], ["model.preset and model.config"], False),
+    # the DeepSpeed JSON as a file
+    "unknown ds_config name": (lambda t: [*D, "--ds-config", "zero4"], ["unknown ds_config", "deepspeed.config"],
+                               False),
+    "ds_config file missing": (lambda t: [*D, "--ds-config", t / "nope.json"], ["not found", "deepspeed.config"],
+                               False),
+    "ds_config JSON syntax": (lambda t: [*D, "--ds-config", write(t / "inputs" / "ds.json",
+                                                                  '{\n  "zero_optimization": {"stage": 2,}\n}\n')],
+                              ["not valid JSON", "ds.json:2:"], False),
+    "ds_config duplicate key": (lambda t: [*D, "--ds-config", write(t / "inputs" / "ds.json",
+                                                                    '{"zero_optimization": {"stage": 2},\n'
+                                                                    ' "zero_optimization": {"stage": 3}}\n')],
+                                ["'zero_optimization' twice", "ds.json"], False),
+    # the DeepSpeed JSON through DeepSpeed's own parser
+    "misspelt zero key": (with_ds("zero3", rename_key("zero_optimization", "stage3_prefetch_bucket_size",
+                                                      "stage3_prefetch_bucket_sise")),
+                          ["zero_optimization.stage3_prefetch_bucket_sise",
+                           "did you mean 'zero_optimization.stage3_prefetch_bucket_size'", "ds.json"], True),
+    "misspelt top-level key": (with_ds("zero2", lambda c: (c.pop("gradient_clipping"), c.update(gradient_clippin=1))),
+                               ["'gradient_clippin'", "DeepSpeed would ignore it", "did you mean 'gradient_clipping'"],
+                               False),
+    "bad value for DeepSpeed": (with_ds("zero2", zero(stage="three")), ["zero_optimization.stage", "'three'"], False),
+    "key DeepSpeed removed": (with_ds("zero2", lambda c: c.update(amp={"enabled": True})),
+                              ["no longer supports 'amp'", "ds.json"], False),
+    "NVMe optimizer offload at stage 2": (with_ds("zero2", zero(offload_optimizer={"device": "nvme",
+                                                                                   "nvme_path": "/tmp"})),
+                                          ["NVMe optimizer offload is ignored at ZeRO stage 2", "ds.json"], False),
+    "offload_param at stage 2": (with_ds("zero2", zero(offload_param={"device": "cpu"})),
+                                 ["offload_param is ignored at ZeRO stage 2", "ds.json"], False),
+    "partial offload ratio at stage 2": (with_ds("zero2", zero(offload_optimizer={"device": "cpu", "ratio": 0.5})),
+                                         ["offload_optimizer.ratio 0.5", "stage 3"], False),
+    "fp16 and bf16 both on": (with_ds("zero2", lambda c: (c["fp16"].update(enabled=True),
+                                                          c["bf16"].update(enabled=True))),
+                              ["fp16 and bf16 are both enabled", "ds.json"], False),
+    "batch sizes contradict each other": (
+        with_ds("zero2", lambda c: c.update(train_batch_size=32, train_micro_batch_size_per_gpu=8,
+                                            gradient_accumulation_steps=1)),
+        ["train_batch_size 32 != train_micro_batch_size_per_gpu 8", "ds.json"], False),
+    "batch size contradicts the recipe": (with_ds("zero2", lambda c: c.update(train_micro_batch_size_per_gpu=4)),
+                                          ["train_micro_batch_size_per_gpu=4 vs train.micro_batch=8", "ds.json"],
+                                          False),
+    # directories the run would write
+    "output_dir is a file": (lambda t: [*D, "--output-dir", write(t / "inputs" / "out.txt", "not a dir")],
+                             ["output_dir", "is not a directory"], False),
+    "output_dir not writable": (lambda t: [*D, "--output-dir", readonly_dir(t) / "run"],
+                                ["output_dir", "not writable"], False),
+    "nvme_path not writable": (lambda t: [*D, "--ds-config", "zero3_nvme", "--nvme-path", readonly_dir(t) / "nvme"],
+                               ["deepspeed.nvme_path", "not writable"], True),
+    # the model
+    "unknown preset": (lambda t: [*D, "model.preset=gpt9"], ["unknown model preset", "model.preset"], False),
+    "model config missing": (lambda t: [*D, "model.preset=null", f"model.config={t / 'config.json'}"],
+                             ["model.config"], False),
+    "seq_len beyond the model's positions": (lambda t: [*D, "data.seq_len=1024"],
+                                             ["max_position_embeddings 512", "data.seq_len"], False),
+    "nvme_path too small for the model": (lambda t: [*D, *nvme_too_small(t)], ["deepspeed.nvme_path", "GiB free"],
+                                          False),
+    # the data
+    "data path missing": (lambda t: [*D, f"data.path={t / 'corpus.jsonl'}"],
+                          ["data path does not exist", "corpus.jsonl"], False),
+    "empty corpus after dropping blanks": (lambda t: [*D, data(t, "blank.txt", "  \n\n\t\n")],
+                                           ["empty corpus", "blank.txt"], False),
+    "jsonl row without text": (lambda t: [*D, data(t, "c.jsonl", '{"text": "hi"}\n{"body": "no text key"}\n')],
+                               ['without a "text"', "c.jsonl:2"], True),
+    "bytes that are not UTF-8": (lambda t: [*D, data(t, "latin1.txt", b"fine\ncaf\xe9 au lait\n")],
+                                 ["not UTF-8", "latin1.txt:2"], False),
+    "tokenizer larger than the embedding": (lambda t: [*D, data(t, "c.txt", TEXT),
+                                                       f"data.tokenizer={big_tokenizer(t, 3000)}"],
+                                            ["tokenizer vocab 3000 > model vocab_size 2048", "data.tokenizer"], False),
+    "corpus too small for seq_len": (lambda t: [*D, data(t, "c.txt", TEXT), "--resume"],
+                                     ["corpus too small", "data.seq_len"], True),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the contract
+
+
+def snapshot(root: Path) -> dict:
+    """Every file and directory under root with its size and mtime: any write shows up as a difference."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = path.stat()
+            found[str(path.relative_to(root))] = (path.is_dir(), st.st_size, st.st_mtime_ns)
+    return found
+
+
+def existing_run(out: Path) -> None:
+    """An output dir from an earlier run: a file, and a complete checkpoint the bad input must not touch."""
+    write(out / "metrics.csv", "step,loss\n1,7.6\n")
+    write(out / "checkpoints" / "global_step10" / "COMPLETE", "")
+    write(out / "checkpoints" / "global_step10" / "mp_rank_00_model_states.pt", b"\0" * 64)
+    write(out / "checkpoints" / "latest", "global_step10")
+
+
+# Each CLI call spends seconds importing torch/DeepSpeed/transformers: the selected cases start together on a
+# small pool, each test then checks its own result.
+WORKERS = min(4, os.cpu_count() or 2)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory):
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        started = {}
+        for case in selected:
+            build, _, existing = CATALOG[case]
+            t = tmp_path_factory.mktemp("bad_input")
+            try:
+                args = [str(a) for a in build(t)]
+            except pytest.skip.Exception as skip:
+                started[case] = skip
+                continue
+            if "--output-dir" not in args:
+                args += ["--output-dir", str(t / "out")]
+            if existing:
+                existing_run(t / "out")
+            started[case] = (t, snapshot(t), pool.submit(run_cli, "train", *args, check=False, timeout=300))
+        yield started
+
+
+@pytest.mark.parametrize("case", list(CATALOG))
+def test_bad_input_is_one_line_exit_2_nothing_written(case, outcomes):
+    if isinstance(outcomes[case], pytest.skip.Exception):
+        pytest.skip(str(outcomes[case]))
+    t, before, running = outcomes[case]
+    _, expected, existing = CATALOG[case]
+    proc = running.result()
+
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert len(lines) == 1, f"stderr is not one line:\n{proc.stderr[-3000:]}"
+    assert lines[0].startswith("error: "), lines[0]
+    for text in expected:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert existing or not (t / "out").exists(), "the output dir was created"
+    assert snapshot(t) == before, "something under the test dir was created or changed"
+
+
+def test_catalog_is_large_and_distinct():
+    assert len(CATALOG) >= 25
+    messages = [tuple(expected) for _, expected, _ in CATALOG.values()]
+    assert len(set(messages)) == len(messages)
+    assert sum(existing for *_, existing in CATALOG.values()) >= 3  # existing output dirs with checkpoints

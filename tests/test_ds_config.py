@@ -1,0 +1,163 @@
+"""ds_config.py in-process: DeepSpeed JSON validation against DeepSpeed's own parser, "auto" filling, run dirs."""
+
+import copy
+import os
+
+import pytest
+
+from zero_trainer.ds_config import (
+    available_ds_configs,
+    load_ds_config,
+    nvme_bytes_needed,
+    resolve_auto_values,
+    unwritable_reason,
+    validate_ds_config,
+)
+from zero_trainer.errors import UsageError
+from zero_trainer.recipe import load_recipe
+
+RECIPE = load_recipe("debug")
+
+
+def shipped(name: str) -> dict:
+    return load_ds_config(name)[1]
+
+
+def error_line(ds: dict, recipe=RECIPE, world_size=1) -> str:
+    with pytest.raises(UsageError) as err:
+        validate_ds_config(ds, recipe, world_size=world_size, source="my.json")
+    return err.value.line()
+
+
+@pytest.mark.parametrize("name", available_ds_configs())
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_shipped_config_validates(name, world_size):
+    """No false alarms: DeepSpeed reads every key the shipped files carry (aio.thread_count was one it ignored)."""
+    filled = validate_ds_config(shipped(name), RECIPE, world_size=world_size, source=name)
+    assert filled["train_batch_size"] == RECIPE["train"]["micro_batch"] * world_size
+
+
+def _set(path: str, value):
+    def change(ds):
+        *parents, leaf = path.split(".")
+        node = ds
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return change
+
+
+def _drop(*keys):
+    return lambda ds: [ds.pop(k) for k in keys]
+
+
+# (shipped config, change, substrings of the one error line)
+BAD = {
+    "pydantic block: misspelt key": ("zero3", _set("zero_optimization.stage3_prefetch_bucket_sise", 5),
+                                     ["unknown DeepSpeed config key 'zero_optimization.stage3_prefetch_bucket_sise'",
+                                      "did you mean 'stage3_prefetch_bucket_size'"]),
+    "pydantic block nested two deep": ("zero3_offload", _set("zero_optimization.offload_param.pin_memroy", True),
+                                       ["zero_optimization.offload_param.pin_memroy", "did you mean 'pin_memory'"]),
+    "pydantic block at top level": ("zero2", _set("csv_monitor", {"enabld": True}),
+                                    ["'csv_monitor.enabld'", "did you mean 'enabled'"]),
+    "pydantic whole-block check": ("zero3", _set("zero_optimization.compute_grad_norm", False),
+                                   ["DeepSpeed rejects the 'zero_optimization' block", "only with ZeRO Stage 1 or 2"]),
+    "dict block DeepSpeed reads by name": ("zero3_nvme", _set("aio.block_sise", 1 << 20),
+                                           ["'aio.block_sise' (DeepSpeed would ignore", "did you mean 'block_size'"]),
+    "renamed key DeepSpeed ignores": ("zero3_nvme", _set("aio.thread_count", 1), ["'aio.thread_count'"]),
+    "top-level typo": ("zero2", _set("wall_clock_breakdwon", True), ["did you mean 'wall_clock_breakdown'"]),
+    "activation checkpointing typo": ("zero2", _set("activation_checkpointing", {"partition_activation": True}),
+                                      ["did you mean 'partition_activations'"]),
+    "legacy bfloat16 next to bf16": ("zero2", _set("bfloat16", {"enabled": True}), ["'bfloat16'", "'bf16'"]),
+    "auto nothing fills": ("zero2", _set("scheduler.params.cos_min_ratio", "auto"),
+                           ['"auto" at scheduler.params.cos_min_ratio']),
+    "wrong type": ("zero2", _set("zero_optimization.allgather_bucket_size", "big"),
+                   ["zero_optimization.allgather_bucket_size = 'big'"]),
+    "not a block": ("zero2", _set("zero_optimization", 2), ["DeepSpeed cannot parse"]),
+    "offload at stage 0": ("zero0", _set("zero_optimization.offload_optimizer", {"device": "cpu"}),
+                           ["offload_optimizer is ignored at ZeRO stage 0"]),
+    "DeepSpeed's own error check": ("zero3", _set("gradient_allreduce_op", "sum"), ["not supported with ZeRO stage 3"]),
+    "batch size DeepSpeed derives": ("zero2", _drop("train_batch_size", "gradient_accumulation_steps"),
+                                     ["DeepSpeed would derive", "gradient_accumulation_steps=1 vs train.grad_accum=2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_is_named(case):
+    name, change, expected = BAD[case]
+    ds = shipped(name)
+    change(ds)
+    recipe = load_recipe("debug", ["train.grad_accum=2"])
+    line = error_line(ds, recipe)
+    assert line.startswith("error: ") and "\n" not in line
+    for text in expected:
+        assert text in line, line
+
+
+def test_explicit_batch_numbers_checked_at_the_real_world_size():
+    ds = shipped("zero2")
+    ds.update(train_batch_size=16, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
+    validate_ds_config(ds, RECIPE, world_size=2)  # 8 x 1 x 2
+    assert "x world size 1" in error_line(ds, world_size=1)
+
+
+def test_validation_leaves_the_input_alone():
+    ds = shipped("zero3_nvme")
+    before = copy.deepcopy(ds)
+    validate_ds_config(ds, RECIPE, world_size=2)
+    assert ds == before
+
+
+def test_resolve_fills_model_autos_and_still_rejects_mismatches():
+    resolved = resolve_auto_values(shipped("zero3"), RECIPE, world_size=1, hidden_size=128)
+    zero = resolved["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (128 * 128, int(0.9 * 128 * 128), 1280)
+    ds = shipped("zero2")
+    ds["gradient_clipping"] = 5.0
+    with pytest.raises(UsageError, match="gradient_clipping=5.0 vs train.grad_clip=1.0"):
+        resolve_auto_values(ds, RECIPE, world_size=1, hidden_size=128)
+
+
+def test_duplicate_json_key_is_refused(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text('{"fp16": {"enabled": false}, "fp16": {"enabled": true}}')
+    with pytest.raises(UsageError, match="'fp16' twice"):
+        load_ds_config(str(path))
+
+
+def test_unwritable_reason_creates_nothing(tmp_path):
+    assert unwritable_reason(tmp_path / "a" / "b" / "c") is None
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in unwritable_reason(tmp_path / "file" / "run")
+    assert "not a directory" in unwritable_reason(tmp_path / "file")
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert "not writable" in unwritable_reason(tmp_path / "ro" / "run")
+
+
+def test_nvme_bytes_needed():
+    nvme = shipped("zero3_nvme")
+    assert nvme_bytes_needed(nvme, 1000, "bf16") == 1000 * (16 + 2)
+    assert nvme_bytes_needed(nvme, 1000, "fp32") == 1000 * (16 + 4)
+    assert nvme_bytes_needed(shipped("zero3_offload"), 1000, "bf16") == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("trainer:\n  max_steps: 3\n", "unknown recipe section 'trainer' (recipe.yaml): did you mean 'train'?"),
+    ("train: 5\n", "recipe section 'train' must be a mapping"),
+    ("outputdir: x\n", "unknown recipe key 'outputdir' (recipe.yaml): did you mean 'output_dir'?"),
+])
+def test_recipe_sections(tmp_path, text, expected):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  preset: debug\n" + text)
+    with pytest.raises(UsageError) as err:
+        load_recipe(str(path))
+    assert expected in err.value.line().replace(str(path), "recipe.yaml")
+
+
+def test_empty_recipe_section_is_allowed(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  preset: debug\ntrain:\n")
+    assert load_recipe(str(path))["train"]["max_steps"] == 100
