@@ -169,6 +169,18 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def check_stage_change(ckpt: Path, stage: int, flag: str = "--resume") -> None:
+    """DeepSpeed 0.19.8 converts between stages 1 and 2 (and world sizes at any stage), but its universal loader
+    cannot cross ZeRO-3's checkpoint layout in either direction: state_dict_factory.check_ckpt_list finds no
+    model-states file of the other layout and asserts. Say so before launching instead of after."""
+    saved = read_state(ckpt)["zero_stage"]
+    if saved != stage and 3 in (saved, stage):
+        raise UsageError(f"DeepSpeed cannot resume a ZeRO-{saved} checkpoint at ZeRO-{stage} "
+                         "(its universal loader does not cross the stage-3 layout)", flag,
+                         f"resume at {'stage 3' if saved == 3 else 'stage 1 or 2'} (any world size), or "
+                         "`zero-trainer export` the weights and start a new run from them")
+
+
 def needs_universal(state: dict, world_size: int, stage: int) -> bool:
     return state["world_size"] != world_size or state["zero_stage"] != stage
 

@@ -76,15 +76,17 @@ def cmd_train(args) -> int:
     from .train import recipe_from_args
 
     recipe = recipe_from_args(args)  # cheap first: most bad input is caught before torch is imported
-    from .checkpoint import check_resume
-    from .ds_config import preflight
+    from .checkpoint import check_resume, check_stage_change
+    from .ds_config import preflight, zero_stage
     from .model import model_config
     from .ops import clear_stale_locks
     from .trainer import model_source
 
     world_size = args.num_procs or _local_device_count()
-    preflight(recipe, world_size=world_size)
-    check_resume(recipe, model_config(model_source(recipe)), args.resume)
+    resolved = preflight(recipe, world_size=world_size)
+    resume_from = check_resume(recipe, model_config(model_source(recipe)), args.resume)
+    if resume_from is not None:
+        check_stage_change(resume_from, zero_stage(resolved))
     clear_stale_locks()
     recipe_path = str(Path(recipe["recipe_path"]).resolve())
     cmd = launcher_command(args, recipe_path)

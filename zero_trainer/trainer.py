@@ -99,6 +99,8 @@ class Run:
             largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out))
         del meta
         universal_dir = None
+        if resume_from is not None:
+            checkpoint.check_stage_change(resume_from, zero_stage(self.ds_config))
         if resume_from is not None and checkpoint.needs_universal(
                 checkpoint.read_state(resume_from), self.world_size, zero_stage(self.ds_config)):
             if self.rank == 0:

@@ -1,0 +1,31 @@
+"""The benchmarks' own code paths, on this CPU machine (timings are not asserted: see bench/results)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from bench.memory import theory_bytes
+
+
+@pytest.mark.multiproc
+def test_gpu_bench_runs_its_cpu_path(tmp_path):
+    env = {**os.environ, "ZERO_TRAINER_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_cpu.json").read_text())
+    assert result["device"] == "cpu" and result["ds_config_name"] == "zero2" and result["precision"] == "bf16"
+    assert result["tokens_per_s"] > 0 and result["peak_mem_bytes"] > 0 and result["predicted_peak_bytes"] > 0
+    assert result["mfu"] == pytest.approx(6 * result["params"] * result["tokens_per_s"] / 989e12)
+
+
+def test_theory_matches_the_zero_paper():
+    psi = 1_000_000
+    assert theory_bytes(psi, "zero0", 8, "bf16") == 16 * psi
+    assert theory_bytes(psi, "zero1", 8, "bf16") == 4 * psi + 12 * psi / 8
+    assert theory_bytes(psi, "zero2", 8, "bf16") == 2 * psi + 14 * psi / 8
+    assert theory_bytes(psi, "zero3", 8, "bf16") == 16 * psi / 8
