@@ -1,0 +1,225 @@
+"""Is the planner right? Predicted vs measured peak memory per rank, from real training runs on this CPU machine.
+
+    python -m bench.plan_calibration                        # every row, one run at a time (about an hour on 2 cores)
+    python -m bench.plan_calibration --models debug --rungs zero2 --world-sizes 1     # some rows, merged in
+    python -m bench.plan_calibration --predict-only    # re-predict the committed measurements (after editing plan.py)
+
+Each row is one `zero-trainer train` of 3 steps (seq_len 128, micro batch 4). Measured = the run's peak RSS minus its
+RSS before the model was built (summary.json: peak_mem_bytes - rss_before_model_bytes, max over ranks); predicted =
+what zero_trainer.plan says one rank holds on a CPU-only node, minus the same process baseline. The "overhead" rows
+train a 4k-parameter model: what is left is the runtime overhead plan.RUNTIME_BYTES stands for, and their
+rss_before_model is plan.HOST_PROCESS_BYTES. Results: bench/results/plan_calibration.json (rows: model, rung,
+world_size, precision, activation_checkpointing, predicted_bytes, measured_bytes, ratio).
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "plan_calibration.json"
+MODELS = ("debug", "minimind-26m", "minimind-104m")
+RUNGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_nvme")
+WORLD_SIZES = (1, 2)
+BOUND = 0.15  # |predicted / measured - 1| allowed on every row
+SEQ_LEN, MICRO_BATCH = 128, 4
+RUN_ARGS = ["train.max_steps=3", "train.eval_batches=1", "train.eval_every=0", "train.sample_tokens=0",
+            f"data.seq_len={SEQ_LEN}", "data.max_documents=400", f"train.micro_batch={MICRO_BATCH}",
+            "train.warmup_steps=1", "train.log_every=1"]
+# The overhead probe: a model too small to matter (4k parameters), so what a run adds is the runtime itself.
+OVERHEAD_MODEL = {"model_type": "zero_lm", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 384,
+                  "max_position_embeddings": 512, "tie_word_embeddings": True}
+OVERHEAD = "overhead-4k"
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["rung"], row["world_size"], row["precision"], row["activation_checkpointing"])
+
+
+def run_dir(root: Path, model: str, rung: str, world_size: int, precision: str, ac: bool) -> Path:
+    return root / f"{model}_{rung}_ws{world_size}_{precision}{'_ac' if ac else ''}"
+
+
+def model_args(model: str, root: Path) -> list[str]:
+    if model != OVERHEAD:
+        return [f"model.preset={model}"]
+    config = root / OVERHEAD / "config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps(OVERHEAD_MODEL))
+    return ["model.preset=null", f"model.config={config}"]
+
+
+def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, root: Path, reuse: bool) -> dict:
+    """Train one row for real (or reuse its summary.json); returns the summary."""
+    out = run_dir(root, model, rung, world_size, precision, ac)
+    summary = out / "summary.json"
+    if reuse and summary.is_file():
+        return json.loads(summary.read_text())
+    env = {**os.environ, "ZERO_TRAINER_CACHE": os.environ.get("ZERO_TRAINER_CACHE", "/tmp/zt_plan_cache")}
+    for attempt in (1, 2):  # one retry: a shared machine can lose a run to a port clash
+        port = free_port()
+        cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml", "--ds-config", rung,
+               "--num-procs", str(world_size), "--master-port", str(port), "--output-dir", str(out),
+               *model_args(model, root), f"train.precision={precision}",
+               f"train.activation_checkpointing={str(ac).lower()}", *RUN_ARGS]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        finally:
+            remove_shm_buffers(port)
+        if proc.returncode == 0 and summary.is_file():
+            return json.loads(summary.read_text())
+        print(f"  attempt {attempt} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's shm all-reduce (CPU, 2+ ranks) leaves a 66 MB /dev/shm file per run; /dev/shm is RAM."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
+def predict(model: str, rung: str, world_size: int, precision: str, ac: bool) -> int:
+    """The planner's per-rank bytes on a CPU-only node with `world_size` ranks, above the process baseline."""
+    from zero_trainer import plan
+
+    shape = plan.shape_from_config(_config(model), name=model) if model == OVERHEAD else plan.model_shape(model)
+    hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=plan.physical_memory_bytes())
+    workload = plan.Workload(SEQ_LEN, MICRO_BATCH, precision)
+    by_name = {r.name: r for r in plan.ladder_rungs(shape, workload, world_size)}
+    return plan.estimate(shape, by_name[rung], hw, workload, ac).device_bytes - plan.HOST_PROCESS_BYTES
+
+
+def _config(model: str):
+    from zero_trainer.model import model_config
+
+    return model_config({k: v for k, v in OVERHEAD_MODEL.items() if k != "model_type"}) if model == OVERHEAD else \
+        model_config(model)
+
+
+def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: dict | None) -> dict:
+    if summary is not None:
+        measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
+        extra = {"rss_before_model_bytes": summary["rss_before_model_bytes"], "wall_s": round(summary["wall_s"], 1),
+                 "params": summary["params"]}
+    else:
+        measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params")
+                                                  if k in old}
+    predicted = predict(model, rung, world_size, precision, ac)
+    return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
+            "activation_checkpointing": ac, "predicted_bytes": predicted, "measured_bytes": measured,
+            "ratio": round(predicted / measured, 4), **extra}
+
+
+def default_rows() -> list[tuple]:
+    """bf16 (what the planner assumes) on every model, rung and world size; fp32 and activation checkpointing
+    on the largest model; the overhead probe on every rung."""
+    rows = [(m, r, ws, "bf16", False) for m in MODELS for r in RUNGS for ws in WORLD_SIZES]
+    rows += [("minimind-104m", r, ws, "fp32", False) for r in RUNGS for ws in WORLD_SIZES]
+    rows += [("minimind-104m", r, 1, "bf16", True) for r in ("zero0", "zero2", "zero3")]
+    rows += [(OVERHEAD, r, ws, "bf16", False) for r in RUNGS for ws in WORLD_SIZES]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'model':14} {'rung':14} {'ws':>2} {'prec':4} {'AC':3} {'predicted':>10} {'measured':>10} {'ratio':>6}",
+             "-" * 70]
+    for r in rows:
+        flag = "" if abs(r["ratio"] - 1) <= BOUND else "  <-- outside ±15%"
+        lines.append(f"{r['model']:14} {r['rung']:14} {r['world_size']:>2} {r['precision']:4} "
+                     f"{'yes' if r['activation_checkpointing'] else 'no':3} {r['predicted_bytes'] / 2**20:8.0f}Mi "
+                     f"{r['measured_bytes'] / 2**20:8.0f}Mi {r['ratio']:6.3f}{flag}")
+    worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
+    lines.append(f"worst: {worst['model']} {worst['rung']} ws{worst['world_size']} {worst['precision']} "
+                 f"ratio {worst['ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | rung | ranks | precision | AC | predicted MiB | measured MiB | ratio |",
+             "|---|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['rung']} | {r['world_size']} | {r['precision']} | "
+                     f"{'yes' if r['activation_checkpointing'] else 'no'} | {r['predicted_bytes'] / 2**20:.0f} | "
+                     f"{r['measured_bytes'] / 2**20:.0f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plan_calibration", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", help=f"subset of {', '.join(MODELS + (OVERHEAD,))}")
+    p.add_argument("--rungs", nargs="+", choices=RUNGS)
+    p.add_argument("--world-sizes", nargs="+", type=int, choices=WORLD_SIZES)
+    p.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"))
+    p.add_argument("--predict-only", action="store_true", help="keep the measurements in the results file, re-predict")
+    p.add_argument("--reuse", action="store_true", help="reuse summary.json files already under --runs-dir")
+    p.add_argument("--runs-dir", default="/tmp/zt_plan_calibration", help="where the runs write")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--markdown", action="store_true", help="also print the README table")
+    args = p.parse_args(argv)
+
+    results = Path(args.results)
+    old = json.loads(results.read_text()) if results.is_file() else {"rows": []}
+    old_rows = {row_key(r): r for r in old["rows"]}
+    wanted = [row for row in default_rows()
+              if (not args.models or row[0] in args.models) and (not args.rungs or row[1] in args.rungs)
+              and (not args.world_sizes or row[2] in args.world_sizes)
+              and (not args.precisions or row[3] in args.precisions)]
+    root = Path(args.runs_dir)
+    new_rows = dict(old_rows)
+    for model, rung, ws, precision, ac in wanted:
+        key = (model, rung, ws, precision, ac)
+        if args.predict_only:
+            if key not in old_rows:
+                continue
+            new_rows[key] = make_row(*key, None, old_rows[key])
+            continue
+        t = time.time()
+        print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} ...", end=" ", flush=True)
+        summary = measure(model, rung, ws, precision, ac, root, args.reuse)
+        new_rows[key] = make_row(*key, summary, None)
+        print(f"measured {new_rows[key]['measured_bytes'] / 2**20:.0f} MiB, predicted "
+              f"{new_rows[key]['predicted_bytes'] / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)
+
+    order = {row: i for i, row in enumerate(default_rows())}
+    rows = sorted(new_rows.values(), key=lambda r: order.get(row_key(r), len(order)))
+    from importlib.metadata import version
+
+    overhead = [r for r in rows if r["model"] == OVERHEAD]
+    doc = {
+        "what": "predicted vs measured peak memory per rank above the process baseline (peak RSS - RSS before the "
+                "model is built), zero-trainer train on a CPU-only machine",
+        "bound": BOUND, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "steps": 3,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": version("torch"),
+                    "deepspeed": version("deepspeed")},
+        "updated": time.strftime("%Y-%m-%d"),
+        "overhead": {
+            "host_process_bytes_measured": max((r["rss_before_model_bytes"] for r in overhead
+                                                if "rss_before_model_bytes" in r), default=None),
+            "runtime_bytes_measured": [r["measured_bytes"] for r in overhead],
+        },
+        "rows": rows,
+    }
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=1) + "\n")
+    print(format_table(rows))
+    if args.markdown:
+        print(markdown_table(rows))
+    bad = [r for r in rows if abs(r["ratio"] - 1) > BOUND]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

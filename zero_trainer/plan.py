@@ -1,0 +1,752 @@
+"""The planner: which rung of the ZeRO ladder trains a model on given hardware, predicted before anything is allocated.
+
+    zero-trainer plan --model 7b --gpus-per-node 8 --gpu-mem 80      # a table of every rung, then the choice
+    deepspeed.config: auto                                            # a recipe asks plan_for_recipe() instead
+
+Nothing here imports torch or deepspeed on the common path (presets, no GPU): `plan --model 70b` answers in well
+under a second. DeepSpeed JSON is read through ds_config.py, the one module that knows it.
+
+The memory model, per rank (Ψ parameters, N = nodes × gpus_per_node data-parallel ranks, w = 2 bytes a weight for
+bf16/fp16 and 4 for fp32, s = seq_len, b = micro batch, h/f/V/L/H = hidden, ffn, vocab, layers, heads):
+
+Model states — ZeRO paper (Rajbhandari et al. 2020, §3): mixed-precision Adam keeps 2Ψ weights + 2Ψ gradients +
+KΨ optimizer states with K = 12 (fp32 master copy, momentum, variance); stage 1 divides the K part by N, stage 2
+also the gradients, stage 3 also the weights. DeepSpeed's estimate_zero2/zero3_model_states_mem_needs give the same
+per-GPU numbers (and, with offload, CPU 16-18 bytes a parameter times a flat 1.5 buffer factor). fp32 training keeps
+4 + 4 + 8 (momentum, variance; the weights are the master). What DeepSpeed 0.19.8 really holds differs in ways
+that cost memory, found by reading it and confirmed by the calibration below (`STATE_BYTES`):
+  - bf16/fp16 at stage 0 goes through FP16_Optimizer: an fp32 flat master, and at step() an fp32 copy of the
+    flattened gradients (4Ψ) on top of the 2Ψ low-precision ones.
+  - stages 1 and 2 clone an fp32 master partition even in fp32 training, and at step() flatten the gradient
+    partition into a new fp32 tensor (4Ψ/N); stage 1 keeps full-size gradients (wΨ) until the step.
+  - stage 3 keeps a flat gradient partition (wΨ/N) plus an fp32 gradient buffer the size of its largest
+    sub-group; its parameters live in flat partitions plus what is gathered (below).
+  - offload moves the fp32 master, fp32 gradients and Adam moments to CPU memory (16Ψ/N) and, at stage 3, the
+    parameter partitions and the low-precision gradient partition too (pinned).
+  - NVMe (ZeRO-Infinity) moves the optimizer (fp32 master, moments, fp32 gradients: 16Ψ/N) and the parameter
+    partitions (wΨ/N) to disk, and keeps pinned CPU swap buffers whose sizes come from the JSON:
+    offload_optimizer.buffer_count × min(sub_group_size, Ψ/N) fp32 elements, offload_param.buffer_count ×
+    buffer_size elements, and min(max_in_cpu, Ψ/N) parameter elements cached in CPU memory.
+Buffers, read from the resolved JSON ("auto" filled as HF does: reduce_bucket_size = h², prefetch = 0.9·h²,
+persistence threshold = 10·h): the gradient reduce bucket (reduce_bucket_size × w, twice with overlap_comm);
+allgather_bucket_size only chunks an in-place all-gather (utils.all_gather_dp_groups), so it costs nothing;
+at stage 3 the gathered parameters — the largest decoder layer plus the prefetch bucket, capped by
+stage3_max_live_parameters — and the tensors under stage3_param_persistence_threshold (the norms), kept whole.
+Stage-2 offload adds a device and a pinned CPU buffer of the largest parameter (temp_grad_buffer_for_*_offload).
+
+Activations — Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", give
+s·b·h·(34 + 5·a·s/h) bytes per layer for a GPT layer in fp16. This model's layer differs, so the tensors autograd
+saves were counted (torch.autograd.graph.saved_tensors_hooks on this repo's model, any s, b, dtype) and the count
+is exact: per layer s·b·(8h + 8·w·h + 4·w·f + 4H) bytes — the two RMSNorms save their fp32 input (8h) and two
+w-byte tensors each; attention saves q, the repeated k and v, and the output (4wh; with GQA the repeated k, v are
+full size); SwiGLU saves four ffn-wide tensors (4wf); the fused SDPA kernel saves an fp32 logsumexp (4H) and no
+s² score matrix (flash/memory-efficient kernels on GPU, the flash kernel on CPU: measured, identical bytes for
+s = 512·b = 4 and s = 2048·b = 1). The loss head peaks at 12 bytes a logit (b·s·V·12: the fp32 logits, their
+log-softmax and its gradient — measured 12.2-12.5 for bf16 and fp32 alike), often the largest single term.
+With activation checkpointing each layer keeps only its input (w·s·b·h) and one layer is recomputed at a time.
+
+Runtime overhead, measured on this CPU machine (bench/plan_calibration.py): a rank's process after importing torch
+and deepspeed and init_distributed holds HOST_PROCESS_BYTES of RSS before any model exists; the engine, data
+loader and allocator then add RUNTIME_BYTES whatever the model. On a GPU the device also holds the CUDA context and
+library workspaces, DEVICE_RUNTIME_BYTES, which this CPU machine cannot measure: it is the one assumed number.
+
+CPU-only machines: the "device" is the CPU, every rank on a node shares its RAM, and offload to CPU moves bytes
+within the same memory. A rung fits when ranks × (everything one rank holds) fits the RAM; offload never helps.
+
+Choice rule: keep SAFETY_MARGIN (10%) of every memory free for what the model does not see (allocator
+fragmentation, a longer eval batch, the OS), then take the cheapest candidate that fits (`preference_key`):
+rungs that keep everything on the device first, then CPU offload, then NVMe; within each group without activation
+checkpointing before with it, and less sharding before more. Recomputing every layer costs about a third more
+compute on every step, but offload puts the CPU (Adam on the CPU, PCIe copies) on the critical path of every step,
+which costs more; once the optimizer runs on the CPU anyway, DeepSpeed overlaps parameter fetches with compute, so
+avoiding recomputation comes first there. NVMe rungs only when NVMe space is given. When nothing fits, the error
+names the candidate that needs the least extra memory, and how much of which.
+"""
+
+import ast
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError, did_you_mean
+
+GiB = 2**30
+# zero3_offload_optimizer (optimizer on CPU, parameters on the device) sits between zero3 and zero3_offload when
+# its JSON exists; the ladder is read in this order from ds_configs/.
+LADDER = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload_optimizer", "zero3_offload",
+          "zero3_nvme")
+SAFETY_MARGIN = 0.10
+DEFAULT_SEQ_LEN = 2048
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+# Measured by bench/plan_calibration.py on this machine (see bench/results/plan_calibration.json, "overhead"):
+HOST_PROCESS_BYTES = 452 * 2**20  # RSS of a rank after importing torch + deepspeed and init_distributed
+RUNTIME_BYTES = 140 * 2**20  # what the engine, data and allocator add whatever the model (a 35k-param model)
+# Not measurable without a GPU: CUDA context, cuBLAS/NCCL workspaces, caching-allocator slack. Assumed.
+DEVICE_RUNTIME_BYTES = 1 * GiB
+LOGIT_BYTES = 12  # peak bytes per logit of the loss head (measured, bf16 and fp32)
+# CPU offload holds another 4 bytes per partition element beyond the tensors traced in DeepSpeed's code (measured:
+# minimind-26m/104m, zero2_offload and zero3_offload at world size 1 and 2).
+OFFLOAD_EXTRA = 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what is planned: a model shape, the hardware, the workload
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    params: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    max_positions: int | None
+    largest_param: int  # elements of the largest single tensor (the embedding, usually)
+    layer_params: int  # one decoder layer: what ZeRO-3 gathers at a time
+    norm_params: int  # 1-D weights (the norms): under ZeRO-3's persistence threshold, kept whole on every rank
+
+
+def _llama_shape(name: str, c: dict) -> ModelShape:
+    """Exact parameter counts of zero_trainer.model's Llama from its config fields (tests compare with a meta build)."""
+    h, f, L, H, V = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                     c["vocab_size"])
+    kv = c.get("num_key_value_heads") or H
+    hd = h // H
+    layer = 2 * h * H * hd + 2 * h * kv * hd + 3 * h * f + 2 * h  # q, o; k, v; gate, up, down; two norms
+    params = V * h * (1 if c.get("tie_word_embeddings", True) else 2) + L * layer + h
+    return ModelShape(name, params, h, L, H, kv, f, V, c.get("max_position_embeddings"),
+                      largest_param=max(V * h, h * f, h * H * hd), layer_params=layer, norm_params=(2 * L + 1) * h)
+
+
+MODEL_PY = Path(__file__).with_name("model.py")
+
+
+def preset_shapes() -> dict[str, dict]:
+    """model.PRESETS, read from model.py's source: importing it pulls in torch and transformers (seconds).
+
+    Only the `_shape` helper and the PRESETS literal are executed; a test checks the result equals model.PRESETS.
+    """
+    try:
+        tree = ast.parse(MODEL_PY.read_text())
+        def wanted(node) -> bool:
+            if isinstance(node, ast.FunctionDef):
+                return node.name == "_shape"
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            return any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets)
+
+        keep = [node for node in tree.body if wanted(node)]
+        namespace: dict = {}
+        exec(compile(ast.Module(body=keep, type_ignores=[]), str(MODEL_PY), "exec"), namespace)
+        return dict(namespace["PRESETS"])
+    except Exception:  # model.py changed shape: fall back to the slow, certain way
+        from .model import PRESETS
+
+        return dict(PRESETS)
+
+
+def model_shape(model, where: str = "--model") -> ModelShape:
+    """A preset name, a local config.json (file or dir), or a transformers config. Raises UsageError."""
+    if isinstance(model, ModelShape):
+        return model
+    presets = preset_shapes()
+    if isinstance(model, str) and model in presets:
+        return _llama_shape(model, presets[model])
+    if isinstance(model, str) and not os.path.exists(model):
+        raise UsageError(f"unknown model preset '{model}'", where,
+                         did_you_mean(model, presets) + " (or give a local config.json)")
+    cfg = model
+    if not hasattr(cfg, "to_dict"):
+        from .model import model_config
+
+        try:
+            cfg = model_config(model)
+        except (ValueError, OSError, TypeError) as err:
+            raise UsageError(f"'{model}' is not a usable causal-LM config: {str(err).splitlines()[0]}", where,
+                             "give a preset name or a local config.json of a causal LM") from None
+    return shape_from_config(cfg, name=str(model) if isinstance(model, str) else "")
+
+
+def shape_from_config(cfg, name: str = "") -> ModelShape:
+    """The shape of a transformers config: exact for zero_lm, counted on the meta device for anything else."""
+    name = name or getattr(cfg, "model_type", "model")
+    if getattr(cfg, "model_type", None) == "zero_lm":
+        return _llama_shape(name, cfg.to_dict())
+    import torch
+
+    from .model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    sizes = [p.numel() for p in model.parameters()]
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    H = cfg.num_attention_heads
+    embed = cfg.vocab_size * h
+    return ModelShape(name, sum(sizes), h, L, H, getattr(cfg, "num_key_value_heads", None) or H,
+                      getattr(cfg, "intermediate_size", None) or 4 * h, cfg.vocab_size,
+                      getattr(cfg, "max_position_embeddings", None), largest_param=max(sizes),
+                      layer_params=max(1, (sum(sizes) - embed) // max(L, 1)),
+                      norm_params=sum(n for n in sizes if n <= h))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    nodes: int
+    gpus_per_node: int  # ranks per node
+    gpu_mem: int | None  # bytes per device; None: no accelerator, the ranks share the CPU's RAM
+    cpu_mem: int  # bytes per node
+    nvme: int = 0  # bytes per node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.gpu_mem is None
+
+    def describe(self) -> str:
+        nvme = f", {self.nvme / GiB:.0f} GiB NVMe" if self.nvme else ", no NVMe"
+        if self.cpu_only:
+            return (f"{self.nodes} node(s) × {self.gpus_per_node} CPU rank(s) sharing {self.cpu_mem / GiB:.1f} GiB RAM "
+                    f"(no GPU){nvme} per node")
+        return (f"{self.nodes} node(s) × {self.gpus_per_node} GPU(s) of {self.gpu_mem / GiB:.1f} GiB, "
+                f"{self.cpu_mem / GiB:.1f} GiB CPU{nvme} per node")
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_len: int
+    micro_batch: int
+    precision: str = "bf16"
+
+    @property
+    def weight_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM, or the cgroup's limit when a container has one below it."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            return int(text)
+    return total
+
+
+def _accelerator_visible() -> bool:
+    """Cheap test before importing torch (a second): without a driver node there is no GPU to ask about."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/proc/driver/nvidia"))
+
+
+def local_gpus() -> tuple[int, int]:
+    """(count, bytes of the smallest) of this machine's GPUs via torch; (0, 0) without any."""
+    if not _accelerator_visible():
+        return 0, 0
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, 0
+    count = torch.cuda.device_count()
+    return count, min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+
+
+def detect_hardware(nodes: int = 1, gpus_per_node: int | None = None, gpu_mem: float | None = None,
+                    cpu_mem: float | None = None, nvme: float = 0) -> Hardware:
+    """Hardware from flags (memory in GiB); what is not given comes from this machine."""
+    for value, flag, allow_zero in ((nodes, "--nodes", False), (gpus_per_node, "--gpus-per-node", False),
+                                    (gpu_mem, "--gpu-mem", False), (cpu_mem, "--cpu-mem", False),
+                                    (nvme, "--nvme", True)):
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                or value < 0 or (value == 0 and not allow_zero):
+            unit = "a whole number >= 1" if flag in ("--nodes", "--gpus-per-node") else \
+                "a size in GiB >= 0 (0: none)" if allow_zero else "a size in GiB > 0"
+            raise UsageError(f"{flag} {value} is invalid", flag, f"use {unit}")
+    count, device_bytes = (0, 0) if gpu_mem is not None else local_gpus()
+    if gpu_mem is not None:
+        device = int(gpu_mem * GiB)
+        ranks = gpus_per_node or count or 1
+    elif count:
+        device, ranks = device_bytes, gpus_per_node or count
+    else:
+        device, ranks = None, gpus_per_node or 1
+    cpu = int(cpu_mem * GiB) if cpu_mem is not None else physical_memory_bytes()
+    return Hardware(nodes=nodes, gpus_per_node=ranks, gpu_mem=device, cpu_mem=cpu, nvme=int(nvme * GiB))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rungs: DeepSpeed JSON read through ds_config.py
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    stage: int
+    offload_optimizer: str  # none | cpu | nvme
+    offload_param: str
+    zero: dict = field(repr=False)  # the resolved zero_optimization block
+
+    @property
+    def uses_nvme(self) -> bool:
+        return "nvme" in (self.offload_optimizer, self.offload_param)
+
+
+def ladder_rungs(shape: ModelShape, workload: Workload, world_size: int) -> list[Rung]:
+    """Every ladder rung that has a JSON in ds_configs/, with "auto" bucket sizes filled for this model."""
+    from .ds_config import DS_CONFIG_DIR, load_ds_config, offload_device, resolve_auto_values, zero_stage
+    from .recipe import DEFAULTS
+
+    recipe = json.loads(json.dumps(DEFAULTS))
+    recipe["train"].update(micro_batch=workload.micro_batch, precision=workload.precision)
+    rungs = []
+    for name in LADDER:
+        if not (DS_CONFIG_DIR / f"{name}.json").is_file():
+            continue
+        _, raw = load_ds_config(name)
+        ds = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=shape.hidden,
+                                 largest_param_numel=shape.largest_param)
+        rungs.append(Rung(name, zero_stage(ds), offload_device(ds, "optimizer"), offload_device(ds, "param"),
+                          ds.get("zero_optimization", {})))
+    return rungs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the memory model
+
+
+def activation_bytes(shape: ModelShape, workload: Workload, checkpointing: bool) -> int:
+    """Peak bytes of activations for one micro batch on one rank (see the module docstring)."""
+    s, b, w = workload.seq_len, workload.micro_batch, workload.weight_bytes
+    h, f, H = shape.hidden, shape.ffn, shape.heads
+    layer = s * b * (8 * h + 8 * w * h + 4 * w * f + 4 * H)
+    head = s * b * (LOGIT_BYTES * shape.vocab + (4 + 2 * w) * h + 2 * w * (h // H))  # logits, final norm, rope
+    if checkpointing:
+        return shape.layers * w * s * b * h + layer + head
+    return shape.layers * layer + head
+
+
+@dataclass
+class Candidate:
+    name: str
+    activation_checkpointing: bool
+    device: dict  # bytes per rank: params, grads, optimizer, activations, buffers (with the runtime overhead)
+    cpu_bytes: int  # per node
+    nvme_bytes: int  # per node
+    cpu_rank: dict = field(default_factory=dict)  # per rank, what lives in CPU memory
+    fits: bool = False
+    why: str = ""
+    shortfall: dict = field(default_factory=dict)  # bytes missing: {"device": per rank, "cpu"/"nvme": per node}
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(self.device.values())
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "activation_checkpointing": self.activation_checkpointing,
+                "device_bytes": self.device_bytes, "cpu_bytes": self.cpu_bytes, "nvme_bytes": self.nvme_bytes,
+                "fits": self.fits, "why": self.why, "device_split": dict(self.device)}
+
+
+def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str) -> tuple[dict, dict, int]:
+    """(device, cpu, nvme) bytes of parameters, gradients, optimizer and DeepSpeed buffers on one rank, at the peak.
+
+    Gradients include the step's transient copies: DeepSpeed flattens the gradient partition (w bytes) and casts it
+    to fp32 (4 bytes) right before the optimizer runs (stage_1_and_2.py step(), stage3.py
+    _prepare_fp32_grad_for_sub_group); stage 0 in fp32 instead flattens all gradients into one all-reduce bucket.
+    """
+    P, N, z = shape.params, world_size, rung.zero
+    w = 4 if precision == "fp32" else 2
+    mixed = w == 2
+    part = math.ceil(P / N)
+    dev = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0}
+    cpu = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0}
+    nvme = 0
+    bucket = int(z.get("reduce_bucket_size", 5e8)) * w
+    overlap = bool(z.get("overlap_comm", rung.stage == 3))
+    flat_cast = (w if mixed else 0) + 4  # bytes per element the step's flatten + fp32 cast allocate
+    if rung.stage == 0:
+        dev["params"] = w * P
+        dev["grads"] = w * P + (flat_cast * P if mixed else 4 * P)
+        dev["optimizer"] = (12 if mixed else 8) * P  # fp32 master + 2 moments; fp32: the weights are the master
+        return dev, cpu, nvme
+    if rung.stage in (1, 2):
+        dev["params"] = w * P
+        dev["buffers"] = bucket * (2 if overlap else 1)
+        if rung.offload_optimizer == "none":
+            # stage 1 keeps full-size gradients until the step, stage 2 only its partition
+            dev["grads"] = (w * P if rung.stage == 1 else w * part) + flat_cast * part
+            dev["optimizer"] = 12 * part
+        else:
+            dev["buffers"] += w * shape.largest_param  # temp_grad_buffer_for_gpu_offload
+            cpu["params"] = w * part  # param_buffer_of_bit16_for_cpu_offload: the updated weights, pinned
+            # the fp32 gradient partition the CPU optimizer reads, and as much again measured (OFFLOAD_EXTRA)
+            cpu["grads"] = (4 + OFFLOAD_EXTRA) * part
+            cpu["optimizer"] = 12 * part
+            cpu["buffers"] = w * shape.largest_param  # temp_grad_buffer_for_cpu_offload (pinned)
+        return dev, cpu, nvme
+    # stage 3
+    persistence = int(z.get("stage3_param_persistence_threshold", 1e5))
+    prefetch = int(z.get("stage3_prefetch_bucket_size", 5e7))
+    max_live = int(z.get("stage3_max_live_parameters", 1e9))
+    persistent = shape.norm_params if persistence > shape.hidden else 0
+    gathered = min(max_live, shape.layer_params + prefetch) * w
+    sub_group = min(int(z.get("sub_group_size", 1e9)), part)
+    dev["buffers"] = bucket * (2 if overlap else 1) + gathered + persistent * w
+    if rung.offload_param == "none":
+        dev["params"] = w * part
+    elif rung.offload_param == "cpu":
+        cpu["params"] = w * part
+    if rung.offload_optimizer == "none":
+        dev["grads"] = w * part + flat_cast * sub_group  # flat gradient partition + one sub-group's fp32 copy
+        dev["optimizer"] = 12 * part
+    elif rung.offload_optimizer == "cpu":
+        # grad_partitions_flat_buffer + the fp32 sub-group gradient buffers (+ OFFLOAD_EXTRA, measured)
+        cpu["grads"] = w * part + (4 + OFFLOAD_EXTRA) * part
+        cpu["optimizer"] = 12 * part
+    else:
+        opt, par = z.get("offload_optimizer", {}), z.get("offload_param", {})
+        cpu["grads"] = w * part + 4 * sub_group  # the fp32 gradients are swapped out with the optimizer
+        cpu["buffers"] = int(opt.get("buffer_count", 4)) * sub_group * 4  # optimizer swap buffers
+        nvme += 16 * part  # fp32 master, momentum, variance, fp32 gradients
+        if rung.offload_param == "nvme":
+            cpu["params"] = min(int(par.get("max_in_cpu", 1e9)), part) * w
+            cpu["buffers"] += int(par.get("buffer_count", 5)) * int(par.get("buffer_size", 1e8)) * w
+            nvme += w * part
+    return dev, cpu, nvme
+
+
+def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
+    """CPU only: the fp32 model the trainer builds before DeepSpeed flattens and casts it stays resident.
+
+    Its per-tensor allocations sit below glibc's mmap threshold, so freeing them does not shrink the RSS (measured
+    on every rung but fp32 stage 0, which trains the built tensors in place). zero.Init at stage 3 also
+    materialises every full tensor before it keeps its partition, so the same holds there.
+    """
+    return 0 if rung.stage == 0 and precision == "fp32" else 4 * shape.params
+
+
+def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
+    dev, cpu, nvme = model_states(shape, rung, hw.world_size, workload.precision)
+    device = {k: dev[k] for k in ("params", "grads", "optimizer")}
+    device["activations"] = activation_bytes(shape, workload, checkpointing)
+    device["buffers"] = dev["buffers"] + RUNTIME_BYTES
+    cpu_rank = {k: v for k, v in cpu.items() if v}
+    if hw.cpu_only:  # one memory: what is "offloaded" stays in the same RAM, in the same process
+        for key, value in cpu.items():
+            device[key] = device.get(key, 0) + value
+        device["buffers"] += HOST_PROCESS_BYTES + init_retained_bytes(shape, rung, workload.precision)
+        cpu_node = hw.gpus_per_node * sum(device.values())
+    else:
+        device["buffers"] += DEVICE_RUNTIME_BYTES
+        cpu_node = hw.gpus_per_node * (sum(cpu.values()) + HOST_PROCESS_BYTES)
+    return Candidate(rung.name, checkpointing, device, cpu_node, hw.gpus_per_node * nvme, cpu_rank=cpu_rank)
+
+
+def _judge(c: Candidate, rung: Rung, hw: Hardware) -> None:
+    """Set fits / why / shortfall with SAFETY_MARGIN kept free of every memory."""
+    keep = 1 - SAFETY_MARGIN
+    usable_cpu, usable_nvme = int(hw.cpu_mem * keep), int(hw.nvme * keep)
+    short, reasons = {}, []
+    if rung.uses_nvme and hw.nvme <= 0:
+        c.fits, c.why = False, "no NVMe given (--nvme)"
+        short["nvme"] = math.ceil(c.nvme_bytes / keep)
+        c.shortfall = short
+        return
+    if hw.cpu_only:
+        if c.cpu_bytes > usable_cpu:
+            short["cpu"] = math.ceil((c.cpu_bytes - usable_cpu) / keep)
+            reasons.append(f"RAM {_gib(c.cpu_bytes)} > {_gib(usable_cpu)} usable")
+    else:
+        usable_dev = int(hw.gpu_mem * keep)
+        if c.device_bytes > usable_dev:
+            short["device"] = math.ceil((c.device_bytes - usable_dev) / keep)
+            reasons.append(f"device {_gib(c.device_bytes)} > {_gib(usable_dev)} usable")
+        if c.cpu_bytes > usable_cpu:
+            short["cpu"] = math.ceil((c.cpu_bytes - usable_cpu) / keep)
+            reasons.append(f"CPU {_gib(c.cpu_bytes)} > {_gib(usable_cpu)} usable")
+    if c.nvme_bytes > usable_nvme:
+        short["nvme"] = math.ceil((c.nvme_bytes - usable_nvme) / keep)
+        reasons.append(f"NVMe {_gib(c.nvme_bytes)} > {_gib(usable_nvme)} usable")
+    c.fits, c.shortfall = not short, short
+    if c.fits:
+        limit = hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem
+        c.why = f"fits: {100 * c.device_bytes / limit:.0f}% of {'RAM share' if hw.cpu_only else 'device'}"
+    else:
+        c.why = "; ".join(reasons)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Plan:
+    model: ModelShape
+    hardware: Hardware
+    workload: Workload
+    candidates: list
+    chosen: Candidate | None
+    reason: str
+    notes: list = field(default_factory=list)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return bool(self.chosen and self.chosen.activation_checkpointing)
+
+    def to_json(self) -> dict:
+        hw = self.hardware
+        return {
+            "model": self.model.name, "params": self.model.params,
+            "chosen": self.chosen.name if self.chosen else None,
+            "activation_checkpointing": self.activation_checkpointing, "reason": self.reason,
+            "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_mem_bytes": hw.gpu_mem,
+                         "cpu_mem_bytes": hw.cpu_mem, "nvme_bytes": hw.nvme, "cpu_only": hw.cpu_only},
+            "seq_len": self.workload.seq_len, "micro_batch": self.workload.micro_batch,
+            "precision": self.workload.precision, "safety_margin": SAFETY_MARGIN, "notes": self.notes,
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+
+
+def preference_key(rung: Rung, checkpointing: bool) -> tuple:
+    """Cheapest first: no offload, then CPU offload, then NVMe; within each, without activation checkpointing
+    first; then the ladder order (less sharding first)."""
+    tier = 2 if rung.uses_nvme else 1 if "cpu" in (rung.offload_optimizer, rung.offload_param) else 0
+    return tier, checkpointing, LADDER.index(rung.name) if rung.name in LADDER else len(LADDER)
+
+
+def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None = None) -> Plan:
+    """Every candidate (rung × activation checkpointing) judged, and the first that fits in preference order.
+
+    checkpointing=True: the run checkpoints activations anyway (a recipe that asks for it), so only those
+    candidates are eligible; None: both, without first.
+    """
+    rungs = ladder_rungs(shape, workload, hw.world_size)
+    candidates, by_name = [], {r.name: r for r in rungs}
+    for rung in rungs:
+        for ac in (False, True):
+            c = estimate(shape, rung, hw, workload, ac)
+            _judge(c, rung, hw)
+            candidates.append(c)
+    preference = sorted((c for c in candidates if c.activation_checkpointing or not checkpointing),
+                        key=lambda c: preference_key(by_name[c.name], c.activation_checkpointing))
+    chosen = next((c for c in preference if c.fits), None)
+    if chosen is None:
+        return Plan(shape, hw, workload, candidates, None, _nothing_fits(preference, by_name, hw))
+    limit = hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem
+    if chosen.activation_checkpointing and not checkpointing:
+        why = "no rung fits without activation checkpointing; the least sharding and offload that fits with it"
+    elif chosen.activation_checkpointing:
+        why = "the least sharding and offload that fits with activation checkpointing (asked for)"
+    elif chosen is preference[0]:
+        why = "the lightest rung fits, without activation checkpointing"
+    else:
+        why = "the least sharding and offload that fits without activation checkpointing"
+    reason = (f"{chosen.name}{' with activation checkpointing' if chosen.activation_checkpointing else ''}: {why} "
+              f"({_gib(chosen.device_bytes)} a rank, {100 * chosen.device_bytes / limit:.0f}% of "
+              f"{'its share of the RAM' if hw.cpu_only else 'the device'}; {SAFETY_MARGIN:.0%} kept free)")
+    return Plan(shape, hw, workload, candidates, chosen, reason, notes=_notes(shape, by_name[chosen.name], hw))
+
+
+def _notes(shape: ModelShape, rung: Rung, hw: Hardware) -> list[str]:
+    """What the steady-state model leaves out but a user should know."""
+    notes = []
+    startup = hw.gpus_per_node * (4 * shape.params + HOST_PROCESS_BYTES)
+    if rung.stage < 3 and not hw.cpu_only and startup > hw.cpu_mem * (1 - SAFETY_MARGIN):
+        notes.append(f"note: below ZeRO-3 the trainer builds the whole fp32 model on each rank's CPU before "
+                     f"DeepSpeed moves it: {_gib(startup)} per node at start-up, more than "
+                     f"{_gib(hw.cpu_mem * (1 - SAFETY_MARGIN))} usable")
+    return notes
+
+
+def _nothing_fits(candidates: list, by_name: dict, hw: Hardware) -> str:
+    """The candidate that needs the least extra memory (per node), and how much of which memory."""
+    def extra(c):
+        s = c.shortfall
+        return s.get("device", 0) * hw.gpus_per_node + s.get("cpu", 0) + s.get("nvme", 0)
+
+    usable = [c for c in candidates if not (by_name[c.name].uses_nvme and hw.nvme <= 0)]
+    best = min(usable or candidates, key=extra)
+    parts = []
+    if "device" in best.shortfall:
+        parts.append(f"{_gib(best.shortfall['device'])} more memory per GPU")
+    if "cpu" in best.shortfall:
+        parts.append(f"{_gib(best.shortfall['cpu'])} more {'RAM' if hw.cpu_only else 'CPU memory'} per node")
+    if "nvme" in best.shortfall:
+        parts.append(f"{_gib(best.shortfall['nvme'])} more NVMe per node")
+    ac = " with activation checkpointing" if best.activation_checkpointing else ""
+    return f"{best.name}{ac} comes closest: it needs " + " and ".join(parts)
+
+
+def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
+               precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None) -> Plan:
+    """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input."""
+    where = where or {}
+    shape = model_shape(model, where.get("model", "--model"))
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision '{precision}' is unknown", where.get("precision", "--precision"),
+                         "use one of " + ", ".join(PRECISIONS))
+    seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, shape.max_positions or DEFAULT_SEQ_LEN)
+    if seq_len < 1 or (shape.max_positions and seq_len > shape.max_positions):
+        raise UsageError(f"seq_len {seq_len} is outside the model's 1..{shape.max_positions} positions",
+                         where.get("seq_len", "--seq-len"), f"use a seq_len <= {shape.max_positions}")
+    if micro_batch < 1:
+        raise UsageError(f"micro batch {micro_batch} is invalid", where.get("micro_batch", "--micro-batch"),
+                         "use a whole number >= 1")
+    return make_plan(shape, hardware, Workload(seq_len, micro_batch, precision), checkpointing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deepspeed.config: auto
+
+
+def recipe_hardware(recipe: dict, world_size: int) -> Hardware:
+    """The hardware a recipe trains on here: this node's GPUs (or CPU), its RAM, free disk at nvme_path if set."""
+    count, device = local_gpus()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
+    per_node = local or (min(world_size, count) if count else world_size)
+    nvme = 0
+    if recipe["deepspeed"]["nvme_path"]:
+        from .ds_config import free_bytes
+
+        # whole GiB: every rank must reach the same answer, and free space moves as ranks start writing
+        nvme = free_bytes(recipe["deepspeed"]["nvme_path"]) // GiB * GiB
+    return Hardware(nodes=max(1, math.ceil(world_size / per_node)), gpus_per_node=per_node,
+                    gpu_mem=device if count else None, cpu_mem=physical_memory_bytes(), nvme=nvme)
+
+
+def plan_recipe(recipe: dict, model_cfg=None, world_size: int = 1) -> Plan:
+    """The plan for a recipe on the detected hardware: `.chosen.name` and `.activation_checkpointing`.
+
+    A recipe with train.activation_checkpointing: true checkpoints anyway, so only those candidates are eligible.
+    With false, the plan may still need it (`.activation_checkpointing` is then True): the trainer should turn it
+    on for `deepspeed.config: auto`. Raises UsageError when no rung fits.
+    """
+    train, data, model = recipe["train"], recipe["data"], recipe["model"]
+    field_name = "model.config" if model["config"] else "model.preset"
+    source = model["config"] or model["preset"]
+    if model_cfg is not None:  # already built by the caller: name it after the recipe's preset or path
+        source = shape_from_config(model_cfg, name=str(source)) if hasattr(model_cfg, "to_dict") else model_cfg
+    plan = plan_model(source, recipe_hardware(recipe, world_size), data["seq_len"], train["micro_batch"],
+                      train["precision"], checkpointing=train["activation_checkpointing"] or None,
+                      where={"model": field_name, "seq_len": "data.seq_len", "micro_batch": "train.micro_batch",
+                             "precision": "train.precision"})
+    if plan.chosen is None:
+        raise UsageError(f"no ZeRO rung fits {plan.model.name} on {plan.hardware.describe()}", "deepspeed.config",
+                         f"{plan.reason}; or lower data.seq_len / train.micro_batch (`zero-trainer plan` shows all)")
+    return plan
+
+
+def plan_for_recipe(recipe: dict, model_cfg, world_size: int) -> str:
+    """The ds_configs name `deepspeed.config: auto` resolves to. Deterministic: every rank gets the same answer."""
+    return plan_recipe(recipe, model_cfg, world_size).chosen.name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("plan", help="predict memory on every ZeRO rung and pick the one that fits",
+                       description="Predict per-rank memory on every rung of the ZeRO ladder and pick the lightest "
+                                   "that fits. Hardware not given is this machine's.")
+    p.add_argument("--model", required=True, help="a preset name (debug, 1b, 7b, 70b, ...) or a local config.json")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: this machine's; 1 on CPU)")
+    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory per GPU (default: this machine's GPU; "
+                   "none on a CPU-only machine, where ranks share the RAM)")
+    p.add_argument("--cpu-mem", type=float, metavar="GiB", help="CPU memory per node (default: this machine's)")
+    p.add_argument("--nvme", type=float, default=0, metavar="GiB", help="NVMe space per node (default 0: none)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sample (default {DEFAULT_SEQ_LEN} or the model's max)")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per rank per step (default 1)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision (default bf16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the candidates as stacked bars")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
+    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision)
+    if args.plot:
+        plot_plan(plan, args.plot)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(format_table(plan))
+    if plan.chosen is None:
+        what = f"no ZeRO rung fits {plan.model.name} on {hw.describe()}"
+        flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
+        raise UsageError(what, flag, plan.reason)
+    return 0
+
+
+def format_table(plan: Plan) -> str:
+    hw, wl, m = plan.hardware, plan.workload, plan.model
+    gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
+    lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
+             f"{wl.precision}",
+             f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
+             "GiB per rank" + (" (device = its share of the RAM, offload included)" if hw.cpu_only else
+                               " on the device") + "; CPU and NVMe per node",
+             f"{'rung':24} {'AC':3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
+             f"{'device':>7} {'CPU':>7} {'NVMe':>7}  fits"]
+    for c in plan.candidates:
+        d = c.device
+        mark = "*" if c is plan.chosen else " "
+        lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {gib(d['params'])} "
+                     f"{gib(d['grads'])} {gib(d['optimizer'])} {gib(d['activations'])} {gib(d['buffers'])} "
+                     f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
+                     f"{'yes' if c.fits else 'no: ' + c.why}")
+    lines.append(f"chosen: {plan.reason}" if plan.chosen else f"nothing fits: {plan.reason}")
+    return "\n".join(lines + plan.notes)
+
+
+def plot_plan(plan: Plan, path: str) -> None:
+    """Stacked bars of each candidate's per-rank device bytes against the device limit (and the usable part)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hw, cands = plan.hardware, plan.candidates
+    parts = ("params", "grads", "optimizer", "activations", "buffers")
+    labels = [c.name + (" +AC" if c.activation_checkpointing else "") for c in cands]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(cands)), 5))
+    bottom = [0.0] * len(cands)
+    for part in parts:
+        values = [c.device[part] / GiB for c in cands]
+        ax.bar(labels, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    limit = (hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem) / GiB
+    ax.axhline(limit, color="black", lw=1.5, label=f"{'RAM share' if hw.cpu_only else 'device'} {limit:.1f} GiB")
+    ax.axhline(limit * (1 - SAFETY_MARGIN), color="black", ls="--", lw=1, label=f"usable ({1 - SAFETY_MARGIN:.0%})")
+    for i, c in enumerate(cands):
+        if c is plan.chosen:
+            ax.annotate("chosen", (i, bottom[i]), ha="center", va="bottom", fontsize=8, color="green")
+        elif not c.fits:
+            ax.annotate("×", (i, bottom[i]), ha="center", va="bottom", color="red")
+    ax.set_ylim(0, max(limit * 1.3, min(max(bottom), limit * 4)) * 1.05)
+    ax.set_ylabel("GiB per rank")
+    ax.set_title(f"{plan.model.name} on {hw.describe()}", fontsize=9)
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
