@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-STEPS, REPS, WARMUP = 3, 3, 1
+STEPS, REPS, WARMUP = 4, 3, 3
 CONFIGS = ("zero0", "zero3")
 OVERRIDES = ["model.preset=minimind-26m", "train.precision=fp32", "data.seq_len=256", "train.micro_batch=4",
              "train.grad_accum=1", "train.eval_every=0", "train.sample_tokens=0", "train.save_every=0",
