@@ -51,9 +51,15 @@ def under_launcher() -> bool:
 def relaunch(module: str, args: list[str], num_procs: int = 1) -> int:
     """Run `python -m module --worker args` under DeepSpeed's launcher (1 rank by default)."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(free_port()), "--module", module,
+    from zero_trainer.ops import remove_shm_buffers
+
+    port = free_port()
+    cmd = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(port), "--module", module,
            "--worker", *args]
-    return subprocess.call(cmd, cwd=REPO)
+    try:
+        return subprocess.call(cmd, cwd=REPO)
+    finally:
+        remove_shm_buffers(port)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -49,10 +49,15 @@ def run_zero_trainer(config_dir: Path, out: Path) -> float:
 
 def run_hf(config_dir: Path, out: Path) -> float:
     from bench.common import free_port
+    from zero_trainer.ops import remove_shm_buffers
 
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port", str(port),
            "--module", "bench.hf_trainer", "--worker-hf", str(config_dir), str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        remove_shm_buffers(port)
     return steady_tokens_per_s(json.loads((out / "hf_times.json").read_text()))
 
 

@@ -42,9 +42,13 @@ def run_cli(*args, timeout=900, check=True, env=None) -> subprocess.CompletedPro
 
 def train(out: Path, ds_config="zero0", num_procs=1, steps=20, overrides=(), recipe="recipes/debug.yaml",
           extra=()) -> dict:
-    """`zero-trainer train` end to end; returns summary.json."""
+    """`zero-trainer train` end to end; returns summary.json. Also checks the run left no DeepSpeed shm
+    all-reduce workspace behind in /dev/shm (RAM)."""
+    port = free_port()
     run_cli("train", "--recipe", recipe, "--ds-config", ds_config, "--num-procs", num_procs, "--output-dir", out,
-            *extra, f"train.max_steps={steps}", "train.precision=fp32", *FAST, *overrides)
+            "--master-port", port, *extra, f"train.max_steps={steps}", "train.precision=fp32", *FAST, *overrides)
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left {[p.name for p in left]} in /dev/shm"
     return json.loads((out / "summary.json").read_text())
 
 

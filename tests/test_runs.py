@@ -93,3 +93,15 @@ def test_torchrun_runs_the_same_module(zero0_runs, tmp_path):
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-4000:]
     assert_losses_close(read_summary(out)["losses"], zero0_runs[2]["losses"], 1e-4)
+
+
+def test_bare_deepspeed_launcher_leaves_no_shm_workspace(zero0_runs, tmp_path):
+    """DeepSpeed's CPU shm all-reduce never unlinks its 64 MiB /dev/shm files; each rank of ours unlinks its own
+    once all have mapped them. Launched without zero-trainer's sweep, so only the ranks' own release counts."""
+    port, out = free_port(), tmp_path / "run"
+    proc = _launch_module([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+                           "--module", "zero_trainer.train"], out)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-4000:]
+    assert_losses_close(read_summary(out)["losses"], zero0_runs[2]["losses"], 1e-4)
+    assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
     from .checkpoint import check_resume, check_stage_change
     from .ds_config import preflight, zero_stage
     from .model import model_config
-    from .ops import clear_stale_locks
+    from .ops import clear_stale_locks, remove_shm_buffers
     from .trainer import model_source
 
     world_size = args.num_procs or _local_device_count()
@@ -89,9 +89,14 @@ def cmd_train(args) -> int:
         check_stage_change(resume_from, zero_stage(resolved))
     clear_stale_locks()
     recipe_path = str(Path(recipe["recipe_path"]).resolve())
+    if args.master_port is None:
+        args.master_port = free_port()
     cmd = launcher_command(args, recipe_path)
     print("launching: " + " ".join(cmd), flush=True)
-    return run_launcher(cmd)
+    try:
+        return run_launcher(cmd)
+    finally:
+        remove_shm_buffers(args.master_port)
 
 
 def _local_device_count() -> int:

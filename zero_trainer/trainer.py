@@ -14,7 +14,7 @@ from . import checkpoint, metrics
 from .data import BatchSampler, prepare_data
 from .ds_config import load_universal_checkpoint, resolve_auto_values, select_ds_config, zero_stage
 from .model import build_model, model_config
-from .ops import clear_stale_locks
+from .ops import clear_stale_locks, release_shm_buffer
 
 
 def model_source(recipe: dict):
@@ -82,6 +82,8 @@ class Run:
         deepspeed.init_distributed()
         self.recipe, train = recipe, recipe["train"]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        dist.barrier()  # every rank has mapped the others' shm all-reduce workspace: the names can go
+        release_shm_buffer(self.rank)
         self.out = Path(recipe["output_dir"])
         self.rss_before_model = metrics.current_rss_bytes()
 
