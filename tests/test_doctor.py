@@ -85,3 +85,27 @@ def test_report_has_every_section(extensions, tmp_path):
     text = format_report(report)
     assert ("all well" in text) == report["ok"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "nvme").exists()
+
+
+def test_shm_workspaces_orphaned_are_found_and_swept():
+    """DeepSpeed's shm all-reduce files: one nobody maps is an orphan, one a live process maps is not; the
+    launcher's sweep removes exactly its own port's files."""
+    import mmap
+    import os
+
+    from zero_trainer import ops
+
+    port = f"zt{os.getpid()}"
+    orphan, live = (ops.SHM_DIR / f"{ops.SHM_BUFFER}_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1))
+    other = ops.SHM_DIR / f"{ops.SHM_BUFFER}_{os.getuid()}_127.0.0.1_{port}9_0"
+    try:
+        for path in (orphan, live, other):
+            path.write_bytes(b"\0" * 4096)
+        with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+            found = ops.orphaned_shm_buffers()
+            assert orphan in found and other in found and live not in found
+            assert sorted(ops.remove_shm_buffers(port)) == sorted([orphan, live])
+        assert not orphan.exists() and not live.exists() and other.exists()
+    finally:
+        for path in (orphan, live, other):
+            path.unlink(missing_ok=True)

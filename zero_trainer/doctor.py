@@ -126,7 +126,15 @@ def _shm(problems: list) -> dict:
         problems.append({"what": f"/dev/shm has only {usage.free / 2**20:.0f} MiB free (total "
                                  f"{usage.total / 2**20:.0f} MiB); process groups and data loaders run out of it",
                          "fix": "docker run --shm-size=8g, or mount -o remount,size=8G /dev/shm"})
-    return {"path": str(shm), "total_bytes": usage.total, "free_bytes": usage.free}
+    orphans = ops.orphaned_shm_buffers()
+    if orphans:
+        size = sum(path.stat().st_size for path in orphans)
+        problems.append({"what": f"{len(orphans)} DeepSpeed shm all-reduce workspace(s) left in /dev/shm by earlier "
+                                 f"runs ({size / 2**20:.0f} MiB of RAM; no live process maps them)",
+                         "fix": f"rm {ops.SHM_DIR}/{ops.SHM_BUFFER}_*  (runs launched by zero-trainer remove "
+                                "their own)"})
+    return {"path": str(shm), "total_bytes": usage.total, "free_bytes": usage.free,
+            "orphaned_shm_buffers": [path.name for path in orphans]}
 
 
 def _disk(label: str, flag: str, path: str, problems: list) -> dict:

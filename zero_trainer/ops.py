@@ -41,6 +41,21 @@ def remove_shm_buffers(port: int | str) -> list[Path]:
     return found
 
 
+def orphaned_shm_buffers() -> list[Path]:
+    """Workspaces in /dev/shm that no live process has mapped (/proc/*/maps names mapped shm files)."""
+    found = sorted(SHM_DIR.glob(f"{SHM_BUFFER}_*")) if SHM_DIR.is_dir() else []
+    if not found:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(maxsplit=5)[-1].strip() for line in maps.read_text().splitlines()
+                          if SHM_BUFFER in line)
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return [path for path in found if str(path) not in mapped and f"{path} (deleted)" not in mapped]
+
+
 def torch_extensions_dir() -> Path:
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     return Path(env) if env else Path.home() / ".cache" / "torch_extensions"
