@@ -58,6 +58,8 @@ def model_args(model: str, root: Path) -> list[str]:
 
 def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, root: Path, reuse: bool) -> dict:
     """Train one row for real (or reuse its summary.json); returns the summary."""
+    from zero_trainer.ops import remove_shm_buffers
+
     out = run_dir(root, model, rung, world_size, precision, ac)
     summary = out / "summary.json"
     if reuse and summary.is_file():
@@ -72,7 +74,7 @@ def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, ro
         try:
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         finally:
-            remove_shm_buffers(port)
+            remove_shm_buffers(port)  # zero-trainer train removes them too; kept for runs that die early
         if proc.returncode == 0 and summary.is_file():
             return json.loads(summary.read_text())
         print(f"  attempt {attempt} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -83,12 +85,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's shm all-reduce (CPU, 2+ ranks) leaves a 66 MB /dev/shm file per run; /dev/shm is RAM."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        path.unlink(missing_ok=True)
 
 
 def predict(model: str, rung: str, world_size: int, precision: str, ac: bool) -> int:
@@ -113,10 +109,10 @@ def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: 
     if summary is not None:
         measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
         extra = {"rss_before_model_bytes": summary["rss_before_model_bytes"], "wall_s": round(summary["wall_s"], 1),
-                 "params": summary["params"]}
+                 "params": summary["params"], "measured_on": time.strftime("%Y-%m-%d")}
     else:
-        measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params")
-                                                  if k in old}
+        measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params",
+                                                                       "measured_on") if k in old}
     predicted = predict(model, rung, world_size, precision, ac)
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
             "activation_checkpointing": ac, "predicted_bytes": predicted, "measured_bytes": measured,
@@ -148,13 +144,47 @@ def format_table(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | rung | ranks | precision | AC | predicted MiB | measured MiB | ratio |",
-             "|---|---|---:|---|---|---:|---:|---:|"]
+    """The README's table: one line per model, precision, AC and rung; measured / predicted MiB (ratio) per ws."""
+    cell = lambda r: (f"{r['measured_bytes'] / 2**20:.0f} / {r['predicted_bytes'] / 2**20:.0f} "  # noqa: E731
+                      f"({r['ratio']:.2f})") if r else "—"
+    lines = ["| model | precision | AC | rung | 1 rank: measured / predicted MiB (ratio) | 2 ranks |",
+             "|---|---|---|---|---:|---:|"]
+    seen = []
     for r in rows:
-        lines.append(f"| {r['model']} | {r['rung']} | {r['world_size']} | {r['precision']} | "
-                     f"{'yes' if r['activation_checkpointing'] else 'no'} | {r['predicted_bytes'] / 2**20:.0f} | "
-                     f"{r['measured_bytes'] / 2**20:.0f} | {r['ratio']:.2f} |")
+        key = (r["model"], r["precision"], r["activation_checkpointing"], r["rung"])
+        if key in seen:
+            continue
+        seen.append(key)
+        by_ws = {x["world_size"]: x for x in rows
+                 if (x["model"], x["precision"], x["activation_checkpointing"], x["rung"]) == key}
+        lines.append(f"| {key[0]} | {key[1]} | {'yes' if key[2] else 'no'} | {key[3]} | {cell(by_ws.get(1))} | "
+                     f"{cell(by_ws.get(2))} |")
     return "\n".join(lines)
+
+
+def write_results(results: Path, rows_by_key: dict) -> list[dict]:
+    from importlib.metadata import version
+
+    order = {row: i for i, row in enumerate(default_rows())}
+    rows = sorted(rows_by_key.values(), key=lambda r: order.get(row_key(r), len(order)))
+    overhead = [r for r in rows if r["model"] == OVERHEAD]
+    doc = {
+        "what": "predicted vs measured peak memory per rank above the process baseline (peak RSS - RSS before the "
+                "model is built), zero-trainer train on a CPU-only machine",
+        "bound": BOUND, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "steps": 3,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": version("torch"),
+                    "deepspeed": version("deepspeed")},
+        "updated": time.strftime("%Y-%m-%d"),
+        "overhead": {
+            "host_process_bytes_measured": sorted({r["rss_before_model_bytes"] for r in rows
+                                                   if "rss_before_model_bytes" in r}),
+            "runtime_bytes_measured": {f"{r['rung']} ws{r['world_size']}": r["measured_bytes"] for r in overhead},
+        },
+        "rows": rows,
+    }
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=1) + "\n")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -172,7 +202,7 @@ def main(argv=None) -> int:
 
     results = Path(args.results)
     old = json.loads(results.read_text()) if results.is_file() else {"rows": []}
-    old_rows = {row_key(r): r for r in old["rows"]}
+    old_rows = {row_key(r): {"measured_on": old.get("updated"), **r} for r in old["rows"]}
     wanted = [row for row in default_rows()
               if (not args.models or row[0] in args.models) and (not args.rungs or row[1] in args.rungs)
               and (not args.world_sizes or row[2] in args.world_sizes)
@@ -182,9 +212,8 @@ def main(argv=None) -> int:
     for model, rung, ws, precision, ac in wanted:
         key = (model, rung, ws, precision, ac)
         if args.predict_only:
-            if key not in old_rows:
-                continue
-            new_rows[key] = make_row(*key, None, old_rows[key])
+            if key in old_rows:
+                new_rows[key] = make_row(*key, None, old_rows[key])
             continue
         t = time.time()
         print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} ...", end=" ", flush=True)
@@ -192,28 +221,8 @@ def main(argv=None) -> int:
         new_rows[key] = make_row(*key, summary, None)
         print(f"measured {new_rows[key]['measured_bytes'] / 2**20:.0f} MiB, predicted "
               f"{new_rows[key]['predicted_bytes'] / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)
-
-    order = {row: i for i, row in enumerate(default_rows())}
-    rows = sorted(new_rows.values(), key=lambda r: order.get(row_key(r), len(order)))
-    from importlib.metadata import version
-
-    overhead = [r for r in rows if r["model"] == OVERHEAD]
-    doc = {
-        "what": "predicted vs measured peak memory per rank above the process baseline (peak RSS - RSS before the "
-                "model is built), zero-trainer train on a CPU-only machine",
-        "bound": BOUND, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "steps": 3,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": version("torch"),
-                    "deepspeed": version("deepspeed")},
-        "updated": time.strftime("%Y-%m-%d"),
-        "overhead": {
-            "host_process_bytes_measured": max((r["rss_before_model_bytes"] for r in overhead
-                                                if "rss_before_model_bytes" in r), default=None),
-            "runtime_bytes_measured": [r["measured_bytes"] for r in overhead],
-        },
-        "rows": rows,
-    }
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(doc, indent=1) + "\n")
+        write_results(results, new_rows)  # after every row: an hour of runs survives an interruption
+    rows = write_results(results, new_rows)
     print(format_table(rows))
     if args.markdown:
         print(markdown_table(rows))

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from zero_trainer.ds_config import (
+    MIN_REDUCE_BUCKET,
     available_ds_configs,
     load_ds_config,
     nvme_bytes_needed,
@@ -112,7 +113,12 @@ def test_resolve_fills_model_autos_and_still_rejects_mismatches():
     resolved = resolve_auto_values(shipped("zero3"), RECIPE, world_size=1, hidden_size=128)
     zero = resolved["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
-            zero["stage3_param_persistence_threshold"]) == (128 * 128, int(0.9 * 128 * 128), 1280)
+            zero["stage3_param_persistence_threshold"]) == (MIN_REDUCE_BUCKET, int(0.9 * 128 * 128), 1280)
+    # the floor never exceeds the model, and from h = 1000 up h² wins, as HF sets it
+    assert resolve_auto_values(shipped("zero3"), RECIPE, world_size=1, hidden_size=128, params=4096)[
+        "zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    assert resolve_auto_values(shipped("zero3"), RECIPE, world_size=1, hidden_size=2048, params=10**9)[
+        "zero_optimization"]["reduce_bucket_size"] == 2048 * 2048
     ds = shipped("zero2")
     ds["gradient_clipping"] = 5.0
     with pytest.raises(UsageError, match="gradient_clipping=5.0 vs train.grad_clip=1.0"):

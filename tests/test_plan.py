@@ -1,10 +1,12 @@
 """zero_trainer.plan: the memory model, the choice over a grid of clusters, the command, and the calibration proof."""
 
+import importlib
 import itertools
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO
@@ -351,3 +353,35 @@ def test_auto_counts_free_disk_at_nvme_path(tmp_path):
     assert hw.nvme > 0 and hw.nvme % GiB == 0
     recipe = load_recipe("recipes/debug.yaml", ["deepspeed.config=auto"])
     assert plan.recipe_hardware(recipe, 1).nvme == 0
+
+
+# --- calibration: the proof -------------------------------------------------------------------------------------
+
+def calibration_module():
+    sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
+    return importlib.import_module("bench.plan_calibration")
+
+
+def test_committed_calibration_rows_are_within_bound():
+    """Every committed row within ±15%, both as committed and as the current plan.py predicts it."""
+    cal = calibration_module()
+    doc = json.loads(Path(cal.RESULTS).read_text())
+    rows = doc["rows"]
+    models = {r["model"] for r in rows}
+    assert {"debug", "minimind-26m", "minimind-104m"} <= models
+    for model in ("debug", "minimind-26m", "minimind-104m"):
+        covered = {(r["rung"], r["world_size"]) for r in rows if r["model"] == model and r["precision"] == "bf16"}
+        assert covered >= set(itertools.product(cal.RUNGS, cal.WORLD_SIZES)), model
+    for r in rows:
+        assert abs(r["ratio"] - 1) <= cal.BOUND, r
+        predicted = cal.predict(r["model"], r["rung"], r["world_size"], r["precision"], r["activation_checkpointing"])
+        assert abs(predicted / r["measured_bytes"] - 1) <= cal.BOUND, (r, predicted)
+
+
+@pytest.mark.multiproc
+def test_calibration_holds_live(tmp_path):
+    """Re-measure one small row with a real run: debug, zero2, one rank."""
+    cal = calibration_module()
+    summary = cal.measure("debug", "zero2", 1, "bf16", False, tmp_path, reuse=False)
+    row = cal.make_row("debug", "zero2", 1, "bf16", False, summary, None)
+    assert abs(row["ratio"] - 1) <= cal.BOUND, row

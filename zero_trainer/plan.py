@@ -27,11 +27,14 @@ that cost memory, found by reading it and confirmed by the calibration below (`S
     partitions (wΨ/N) to disk, and keeps pinned CPU swap buffers whose sizes come from the JSON:
     offload_optimizer.buffer_count × min(sub_group_size, Ψ/N) fp32 elements, offload_param.buffer_count ×
     buffer_size elements, and min(max_in_cpu, Ψ/N) parameter elements cached in CPU memory.
-Buffers, read from the resolved JSON ("auto" filled as HF does: reduce_bucket_size = h², prefetch = 0.9·h²,
+Buffers, read from the resolved JSON ("auto" filled as HF does: reduce_bucket_size = h² (at least
+min(Ψ, 1M) elements: ds_config.MIN_REDUCE_BUCKET), prefetch = 0.9·h²,
 persistence threshold = 10·h): the gradient reduce bucket (reduce_bucket_size × w, twice with overlap_comm);
 allgather_bucket_size only chunks an in-place all-gather (utils.all_gather_dp_groups), so it costs nothing;
-at stage 3 the gathered parameters — the largest decoder layer plus the prefetch bucket, capped by
-stage3_max_live_parameters — and the tensors under stage3_param_persistence_threshold (the norms), kept whole.
+at stage 3 the gathered parameters and the tensors under stage3_param_persistence_threshold (the norms), kept
+whole. A gathered layer stays whole until its backward when fewer than stage3_max_reuse_distance parameters are
+fetched in between (partitioned_param_coordinator.py): about the last reuse/2 parameters of the forward, plus the
+layer in use and the prefetch bucket, capped by stage3_max_live_parameters.
 Stage-2 offload adds a device and a pinned CPU buffer of the largest parameter (temp_grad_buffer_for_*_offload).
 
 Activations — Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", give
@@ -47,7 +50,8 @@ With activation checkpointing each layer keeps only its input (w·s·b·h) and o
 
 Runtime overhead, measured on this CPU machine (bench/plan_calibration.py): a rank's process after importing torch
 and deepspeed and init_distributed holds HOST_PROCESS_BYTES of RSS before any model exists; the engine, data
-loader and allocator then add RUNTIME_BYTES whatever the model. On a GPU the device also holds the CUDA context and
+loader and allocator then add RUNTIME_BYTES whatever the model (per stage: DeepSpeed's ZeRO optimizer wrapper at
+stages 1-3 adds ~40 MiB over stage 0's). On a GPU the device also holds the CUDA context and
 library workspaces, DEVICE_RUNTIME_BYTES, which this CPU machine cannot measure: it is the one assumed number.
 
 CPU-only machines: the "device" is the CPU, every rank on a node shares its RAM, and offload to CPU moves bytes
@@ -83,7 +87,9 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 # Measured by bench/plan_calibration.py on this machine (see bench/results/plan_calibration.json, "overhead"):
 HOST_PROCESS_BYTES = 452 * 2**20  # RSS of a rank after importing torch + deepspeed and init_distributed
-RUNTIME_BYTES = 140 * 2**20  # what the engine, data and allocator add whatever the model (a 35k-param model)
+# What a run adds above that whatever the model (data, engine, allocator), measured with a 4k-parameter model:
+# 59-60 MiB at stage 0, 101-105 MiB with the ZeRO optimizer (stages 1-3, offload included), world size 1 and 2.
+RUNTIME_BYTES = {0: 60 * 2**20, 1: 103 * 2**20, 2: 103 * 2**20, 3: 103 * 2**20}
 # Not measurable without a GPU: CUDA context, cuBLAS/NCCL workspaces, caching-allocator slack. Assumed.
 DEVICE_RUNTIME_BYTES = 1 * GiB
 LOGIT_BYTES = 12  # peak bytes per logit of the loss head (measured, bf16 and fp32)
@@ -317,7 +323,7 @@ def ladder_rungs(shape: ModelShape, workload: Workload, world_size: int) -> list
             continue
         _, raw = load_ds_config(name)
         ds = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=shape.hidden,
-                                 largest_param_numel=shape.largest_param)
+                                 largest_param_numel=shape.largest_param, params=shape.params)
         rungs.append(Rung(name, zero_stage(ds), offload_device(ds, "optimizer"), offload_device(ds, "param"),
                           ds.get("zero_optimization", {})))
     return rungs
@@ -401,8 +407,12 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
     persistence = int(z.get("stage3_param_persistence_threshold", 1e5))
     prefetch = int(z.get("stage3_prefetch_bucket_size", 5e7))
     max_live = int(z.get("stage3_max_live_parameters", 1e9))
+    reuse = int(z.get("stage3_max_reuse_distance", 1e9))
     persistent = shape.norm_params if persistence > shape.hidden else 0
-    gathered = min(max_live, shape.layer_params + prefetch) * w
+    # A gathered layer is kept until its backward when fewer than stage3_max_reuse_distance parameters are fetched
+    # in between (2× the layers after it): the last reuse/2 parameters of the forward stay whole, plus the layer
+    # in use and the prefetch bucket, all capped by stage3_max_live_parameters (partitioned_param_coordinator.py).
+    gathered = min(max_live, min(P, reuse // 2) + shape.layer_params + prefetch) * w
     sub_group = min(int(z.get("sub_group_size", 1e9)), part)
     dev["buffers"] = bucket * (2 if overlap else 1) + gathered + persistent * w
     if rung.offload_param == "none":
@@ -419,7 +429,8 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
     else:
         opt, par = z.get("offload_optimizer", {}), z.get("offload_param", {})
         cpu["grads"] = w * part + 4 * sub_group  # the fp32 gradients are swapped out with the optimizer
-        cpu["buffers"] = int(opt.get("buffer_count", 4)) * sub_group * 4  # optimizer swap buffers
+        # optimizer swap buffers, plus the fp32 master of the sub-group being stepped (measured)
+        cpu["buffers"] = (int(opt.get("buffer_count", 4)) + 1) * sub_group * 4
         nvme += 16 * part  # fp32 master, momentum, variance, fp32 gradients
         if rung.offload_param == "nvme":
             cpu["params"] = min(int(par.get("max_in_cpu", 1e9)), part) * w
@@ -442,16 +453,17 @@ def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, ch
     dev, cpu, nvme = model_states(shape, rung, hw.world_size, workload.precision)
     device = {k: dev[k] for k in ("params", "grads", "optimizer")}
     device["activations"] = activation_bytes(shape, workload, checkpointing)
-    device["buffers"] = dev["buffers"] + RUNTIME_BYTES
+    device["buffers"] = dev["buffers"]
+    host = HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage]  # the rank's process itself, on the CPU
     cpu_rank = {k: v for k, v in cpu.items() if v}
     if hw.cpu_only:  # one memory: what is "offloaded" stays in the same RAM, in the same process
         for key, value in cpu.items():
             device[key] = device.get(key, 0) + value
-        device["buffers"] += HOST_PROCESS_BYTES + init_retained_bytes(shape, rung, workload.precision)
+        device["buffers"] += host + init_retained_bytes(shape, rung, workload.precision)
         cpu_node = hw.gpus_per_node * sum(device.values())
     else:
         device["buffers"] += DEVICE_RUNTIME_BYTES
-        cpu_node = hw.gpus_per_node * (sum(cpu.values()) + HOST_PROCESS_BYTES)
+        cpu_node = hw.gpus_per_node * (sum(cpu.values()) + host)
     return Candidate(rung.name, checkpointing, device, cpu_node, hw.gpus_per_node * nvme, cpu_rank=cpu_rank)
 
 
@@ -567,7 +579,7 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
 def _notes(shape: ModelShape, rung: Rung, hw: Hardware) -> list[str]:
     """What the steady-state model leaves out but a user should know."""
     notes = []
-    startup = hw.gpus_per_node * (4 * shape.params + HOST_PROCESS_BYTES)
+    startup = hw.gpus_per_node * (4 * shape.params + HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage])
     if rung.stage < 3 and not hw.cpu_only and startup > hw.cpu_mem * (1 - SAFETY_MARGIN):
         notes.append(f"note: below ZeRO-3 the trainer builds the whole fp32 model on each rank's CPU before "
                      f"DeepSpeed moves it: {_gib(startup)} per node at start-up, more than "

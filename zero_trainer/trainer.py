@@ -98,7 +98,8 @@ class Run:
         self.params = sum(p.numel() for p in meta.parameters())
         self.ds_config = resolve_auto_values(
             raw, recipe, world_size=self.world_size, hidden_size=self.model_cfg.hidden_size,
-            largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out))
+            largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out),
+            params=self.params)
         del meta
         universal_dir = None
         if resume_from is not None:
