@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STEPS, WARMUP, REPS = 40, 5, 3
+STEPS, WARMUP, REPS = 40, 5, 5
 DS_CONFIG = "zero2"
 SEQ, MICRO = 128, 8
 COMMON = [f"train.max_steps={STEPS}", "train.precision=fp32", f"data.seq_len={SEQ}", f"train.micro_batch={MICRO}",
@@ -44,6 +44,8 @@ def run_zero_trainer(config_dir: Path, out: Path) -> float:
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     header = rows[0].split(",")
     times = [float(r.split(",")[header.index("time")]) for r in rows[1:]]
+    losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
+    (out / "losses.json").write_text(json.dumps(losses))
     return steady_tokens_per_s(times)
 
 
@@ -99,8 +101,48 @@ def hf_worker(config_dir: str, out: str) -> None:
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                              dataloader_num_workers=0, seed=train["seed"])
     model = AutoModelForCausalLM.from_config(config)
-    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()])
+    trainer.train()
     Path(out, "hf_times.json").write_text(json.dumps(times))
+    # the JSON as HF resolved it: main() checks it equals ours but for the monitor and the bucket floor
+    Path(out, "hf_ds_config.json").write_text(json.dumps(trainer.model_wrapped._config._param_dict, default=str))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    Path(out, "hf_losses.json").write_text(json.dumps(losses))
+
+
+def config_differences(ours: dict, hf: dict) -> dict:
+    """Resolved-JSON keys whose values differ between the two engines (dotted key -> [ours, HF's])."""
+    def flat(d, prefix=""):
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    a, b = flat(ours), flat(hf)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith("csv_monitor") and k != "steps_per_print"}
+
+
+def plot_losses(losses: dict) -> None:
+    """bench/results/loss_curve.png: both trainers' per-step training loss (first repetition)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.common import RESULTS
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, values in losses.items():
+        ax.plot(range(1, len(values) + 1), values, label=name.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"debug-shape Llama, {DS_CONFIG}, fp32, seq {SEQ} x micro batch {MICRO}, 1 rank\n"
+                 "(same data and seed; each trainer initialises and shuffles its own way)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "loss_curve.png", dpi=100)
 
 
 def main() -> int:
@@ -117,12 +159,18 @@ def main() -> int:
         for rep in range(REPS):
             tps["zero_trainer"].append(run_zero_trainer(config_dir, workdir / f"zt{rep}"))
             tps["hf_trainer"].append(run_hf(config_dir, workdir / f"hf{rep}"))
+        losses = {"zero_trainer": json.loads((workdir / "zt0" / "losses.json").read_text()),
+                  "hf_trainer": json.loads((workdir / "hf0" / "hf_losses.json").read_text())}
+        differences = config_differences(json.loads((workdir / "zt0" / "summary.json").read_text())["ds_config"],
+                                         json.loads((workdir / "hf0" / "hf_ds_config.json").read_text()))
     medians = {k: median(v) for k, v in tps.items()}
     ratio = medians["zero_trainer"] / medians["hf_trainer"]
     write_result("hf_trainer", {
         "ratio": ratio, "goal": 1.1, "ds_config": DS_CONFIG, "model": "LlamaForCausalLM (debug shape)",
         "seq_len": SEQ, "micro_batch": MICRO, "steps": STEPS, "warmup_steps_excluded": WARMUP, "reps": REPS,
-        "tokens_per_s": medians, "tokens_per_s_all": tps, "threads": os.cpu_count()})
+        "tokens_per_s": medians, "tokens_per_s_all": tps, "threads": os.cpu_count(), "losses_first_rep": losses,
+        "ds_config_differences": differences})
+    plot_losses(losses)
     print(table([{"arm": k, "median tok/s": f"{medians[k]:.0f}", "all": " ".join(f"{x:.0f}" for x in v)}
                  for k, v in tps.items()], ["arm", "median tok/s", "all"]))
     print(f"ratio zero_trainer / HF Trainer = {ratio:.3f} (goal >= 1.1)")

@@ -51,8 +51,8 @@ def main() -> int:
     write_result("memory", {"source": "bench/results/plan_calibration.json", "rows": rows})
     plot(rows)
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
-    columns = ["model", "rung", "ws", "measured MiB", "planner MiB", "theory MiB"]
-    print(table([{"model": r["model"], "rung": r["rung"], "ws": r["world_size"],
+    columns = ["model", "precision", "rung", "ws", "measured MiB", "planner MiB", "theory MiB"]
+    print(table([{"model": r["model"], "precision": r["precision"], "rung": r["rung"], "ws": r["world_size"],
                   "measured MiB": mib(r["measured_bytes"]), "planner MiB": mib(r["planner_bytes"]),
                   "theory MiB": mib(r["theory_model_states_bytes"])} for r in rows], columns))
     return 0
@@ -64,18 +64,19 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-    fig, axes = plt.subplots(len(models), 1, figsize=(12, 4 * len(models)), squeeze=False)
-    for ax, model in zip(axes[:, 0], models, strict=True):
-        sub = [r for r in rows if r["model"] == model]
-        labels = [f"{r['rung']}\nws{r['world_size']}" for r in sub]
+    panels = [(m, p) for m in MODELS for p in ("bf16", "fp32")
+              if any(r["model"] == m and r["precision"] == p for r in rows)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4 * len(panels)), squeeze=False)
+    for ax, (model, precision) in zip(axes[:, 0], panels, strict=True):
+        sub = [r for r in rows if r["model"] == model and r["precision"] == precision]
+        labels = [f"{r['rung'].replace('_', chr(10))}\nws{r['world_size']}" for r in sub]
         x = range(len(sub))
         for i, (key, name) in enumerate((("measured_bytes", "measured"), ("planner_bytes", "planner"),
                                          ("theory_model_states_bytes", "theory (model states)"))):
             ax.bar([j + (i - 1) * 0.27 for j in x], [r[key] / 2**20 for r in sub], width=0.27, label=name)
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("MiB per rank")
-        ax.set_title(f"{model}: peak memory per rank above the process baseline")
+        ax.set_title(f"{model} {precision}: peak memory per rank above the process baseline")
         ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "memory.png", dpi=100)

@@ -147,7 +147,7 @@ def markdown_table(rows: list[dict]) -> str:
     """The README's table: one line per model, precision, AC and rung; measured / predicted MiB (ratio) per ws."""
     cell = lambda r: (f"{r['measured_bytes'] / 2**20:.0f} / {r['predicted_bytes'] / 2**20:.0f} "  # noqa: E731
                       f"({r['ratio']:.2f})") if r else "—"
-    lines = ["| model | precision | AC | rung | 1 rank: measured / predicted MiB (ratio) | 2 ranks |",
+    lines = ["| model | precision | AC | rung | 1 rank: measured / predicted MiB (predicted ÷ measured) | 2 ranks |",
              "|---|---|---|---|---:|---:|"]
     seen = []
     for r in rows:

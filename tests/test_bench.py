@@ -29,3 +29,12 @@ def test_theory_matches_the_zero_paper():
     assert theory_bytes(psi, "zero1", 8, "bf16") == 4 * psi + 12 * psi / 8
     assert theory_bytes(psi, "zero2", 8, "bf16") == 2 * psi + 14 * psi / 8
     assert theory_bytes(psi, "zero3", 8, "bf16") == 16 * psi / 8
+
+
+def test_hf_bench_reports_config_differences_but_not_the_monitor():
+    from bench.hf_trainer import config_differences
+
+    ours = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1_000_000}, "csv_monitor": {"enabled": True},
+            "steps_per_print": 10**9}
+    hf = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 16384}, "steps_per_print": float("inf")}
+    assert config_differences(ours, hf) == {"zero_optimization.reduce_bucket_size": [1_000_000, 16384]}
