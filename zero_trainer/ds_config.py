@@ -172,7 +172,7 @@ def _recipe_filler(ds: dict, recipe: dict, world_size: int) -> _Filler:
 
 # A gradient bucket never smaller than this many elements (when the model has that many): each bucket costs one
 # collective plus DeepSpeed's per-bucket bookkeeping (~0.5 ms here), so HF's h² buckets for a small hidden size
-# (h=128: 16k elements, 60+ reduces a step for a 1M model) spend a third of a CPU step on it (bench/hf_trainer.py:
+# (h=128: 16k elements, ~36 all-reduces a step for a 1M model) spend a third of a CPU step on it (bench/hf_trainer.py:
 # the debug model trains 30-40% faster with one bucket). From h = 1000 up, h² is larger and is used as HF does.
 MIN_REDUCE_BUCKET = 1_000_000
 
