@@ -104,7 +104,7 @@ def hf_worker(config_dir: str, out: str) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()])
     trainer.train()
     Path(out, "hf_times.json").write_text(json.dumps(times))
-    # the JSON as HF resolved it: main() checks it equals ours but for the monitor and the bucket floor
+    # the JSON as HF resolved it: main() records where it differs from ours (ds_config_differences)
     Path(out, "hf_ds_config.json").write_text(json.dumps(trainer.model_wrapped._config._param_dict, default=str))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     Path(out, "hf_losses.json").write_text(json.dumps(losses))

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -58,33 +57,21 @@ def model_args(model: str, root: Path) -> list[str]:
 
 def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, root: Path, reuse: bool) -> dict:
     """Train one row for real (or reuse its summary.json); returns the summary."""
-    from zero_trainer.ops import remove_shm_buffers
-
     out = run_dir(root, model, rung, world_size, precision, ac)
     summary = out / "summary.json"
     if reuse and summary.is_file():
         return json.loads(summary.read_text())
     env = {**os.environ, "ZERO_TRAINER_CACHE": os.environ.get("ZERO_TRAINER_CACHE", "/tmp/zt_plan_cache")}
     for attempt in (1, 2):  # one retry: a shared machine can lose a run to a port clash
-        port = free_port()
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml", "--ds-config", rung,
-               "--num-procs", str(world_size), "--master-port", str(port), "--output-dir", str(out),
+               "--num-procs", str(world_size), "--output-dir", str(out),
                *model_args(model, root), f"train.precision={precision}",
                f"train.activation_checkpointing={str(ac).lower()}", *RUN_ARGS]
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        finally:
-            remove_shm_buffers(port)  # zero-trainer train removes them too; kept for runs that die early
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)  # it sweeps its shm itself
         if proc.returncode == 0 and summary.is_file():
             return json.loads(summary.read_text())
         print(f"  attempt {attempt} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def predict(model: str, rung: str, world_size: int, precision: str, ac: bool) -> int:
@@ -149,14 +136,11 @@ def markdown_table(rows: list[dict]) -> str:
                       f"({r['ratio']:.2f})") if r else "—"
     lines = ["| model | precision | AC | rung | 1 rank: measured / predicted MiB (predicted ÷ measured) | 2 ranks |",
              "|---|---|---|---|---:|---:|"]
-    seen = []
+    groups: dict[tuple, dict] = {}  # first-seen order; world size -> row
     for r in rows:
-        key = (r["model"], r["precision"], r["activation_checkpointing"], r["rung"])
-        if key in seen:
-            continue
-        seen.append(key)
-        by_ws = {x["world_size"]: x for x in rows
-                 if (x["model"], x["precision"], x["activation_checkpointing"], x["rung"]) == key}
+        groups.setdefault((r["model"], r["precision"], r["activation_checkpointing"], r["rung"]), {})[
+            r["world_size"]] = r
+    for key, by_ws in groups.items():
         lines.append(f"| {key[0]} | {key[1]} | {'yes' if key[2] else 'no'} | {key[3]} | {cell(by_ws.get(1))} | "
                      f"{cell(by_ws.get(2))} |")
     return "\n".join(lines)

@@ -24,19 +24,17 @@ def du_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def tuned_nvme_config(config, sub_group_size: int) -> tuple[dict, dict]:
-    """ds_configs/zero3_nvme.json with the sizes a multi-billion model needs in 24 GiB of RAM: DeepSpeed's param
-    swapper needs buffer_size >= the largest tensor (the 32000 x 4096 embedding), the optimizer swaps
-    buffer_count sub-groups of fp32, and a 1e9 max_in_cpu would keep GBs of bf16 weights in RAM. Every swapped-in
+def tuned_nvme_config(sub_group_size: int) -> tuple[dict, dict]:
+    """ds_configs/zero3_nvme.json with the sizes a multi-billion model needs in 24 GiB of RAM (the trainer itself
+    raises offload_param.buffer_size to the largest tensor): the optimizer swaps buffer_count sub-groups of
+    fp32, and a 1e9 max_in_cpu would keep GBs of bf16 weights in RAM. Every swapped-in
     tensor holds one whole param buffer while it is live: with a long reuse distance the second step's prefetch
     keeps more tensors live than there are buffers (DeepSpeed asserts "Not enough buffers 0 for swapping 1"), so
     weights are released right after use and there are 8 buffers."""
     ds = json.loads((REPO / "ds_configs" / "zero3_nvme.json").read_text())
     z = ds["zero_optimization"]
-    largest = config.vocab_size * config.hidden_size
     overrides = {"sub_group_size": sub_group_size, "stage3_max_live_parameters": 300_000_000,
-                 "stage3_max_reuse_distance": 0, "offload_param.buffer_size": largest,
-                 "offload_param.buffer_count": 8, "offload_param.max_in_cpu": 0}
+                 "stage3_max_reuse_distance": 0, "offload_param.buffer_count": 8, "offload_param.max_in_cpu": 0}
     for key, value in overrides.items():
         block, _, name = key.rpartition(".")
         (z[block] if block else z)[name] = value
@@ -74,7 +72,7 @@ def main() -> int:
         config.to_llama_config().save_pretrained(config_dir)
         ds_dir = Path(tmp) / "ds"
         ds_dir.mkdir()
-        ds_json, overrides = tuned_nvme_config(config, args.sub_group_size)
+        ds_json, overrides = tuned_nvme_config(args.sub_group_size)
         (ds_dir / "zero3_nvme.json").write_text(json.dumps(ds_json, indent=1))
         log_path = REPO / "bench" / "results" / "scale.log"
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml",
