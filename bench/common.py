@@ -4,10 +4,8 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,23 +36,17 @@ def median(values) -> float:
     return statistics.median(values)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
 def relaunch(module: str, args: list[str], num_procs: int = 1) -> int:
     """Run `python -m module --worker args` under DeepSpeed's launcher (1 rank by default)."""
-    launcher = Path(sys.executable).with_name("deepspeed")
+    from zero_trainer.launch import deepspeed_launcher, free_port
     from zero_trainer.ops import remove_shm_buffers
 
     port = free_port()
-    cmd = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(port), "--module", module,
+    cmd = [deepspeed_launcher(), "--num_gpus", str(num_procs), "--master_port", str(port), "--module", module,
            "--worker", *args]
     try:
         return subprocess.call(cmd, cwd=REPO)

@@ -26,7 +26,8 @@ def settings(on_gpu: bool) -> dict:
 
 def predicted_peak_bytes(summary: dict) -> int:
     """The planner's per-device prediction for the rung and settings this run used."""
-    from zero_trainer.plan import detect_hardware, plan_model
+    from zero_trainer.hardware import detect_hardware
+    from zero_trainer.plan import plan_model
 
     recipe = summary["recipe"]
     plan = plan_model(summary["model"], detect_hardware(gpus_per_node=summary["world_size"]),
@@ -35,6 +36,18 @@ def predicted_peak_bytes(summary: dict) -> int:
     ac = recipe["train"]["activation_checkpointing"]
     return next(c.device_bytes for c in plan.candidates
                 if c.name == summary["ds_config_name"] and c.activation_checkpointing == ac)
+
+
+def result_from_summary(summary: dict, device: str, recipe: str) -> dict:
+    """What the benchmark reports for one run's summary.json."""
+    tps, params = summary["tokens_per_s"], summary["params"]
+    return {
+        "device": device, "recipe": recipe,
+        "ds_config_name": summary["ds_config_name"], "precision": summary["precision"], "steps": summary["steps"],
+        "params": params, "tokens_per_s": tps, "mfu": 6 * params * tps / H100_BF16_PEAK,
+        "peak_mem_bytes": summary["peak_mem_bytes"], "predicted_peak_bytes": predicted_peak_bytes(summary),
+        "final_loss": summary["final_loss"],
+    }
 
 
 def main() -> int:
@@ -50,18 +63,11 @@ def main() -> int:
                *cfg["overrides"]]
         subprocess.run(cmd, check=True, cwd=REPO)
         summary = json.loads((out / "summary.json").read_text())
-    tps, params = summary["tokens_per_s"], summary["params"]
-    result = {
-        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "recipe": cfg["recipe"],
-        "ds_config_name": summary["ds_config_name"], "precision": summary["precision"], "steps": summary["steps"],
-        "params": params, "tokens_per_s": tps, "mfu": 6 * params * tps / H100_BF16_PEAK,
-        "peak_mem_bytes": summary["peak_mem_bytes"], "predicted_peak_bytes": predicted_peak_bytes(summary),
-        "final_loss": summary["final_loss"],
-    }
+    result = result_from_summary(summary, torch.cuda.get_device_name(0) if on_gpu else "cpu", cfg["recipe"])
     from bench.common import write_result
 
     path = write_result("gpu" if on_gpu else "gpu_cpu", result)
-    pred = result["predicted_peak_bytes"]
+    pred, tps, params = result["predicted_peak_bytes"], result["tokens_per_s"], result["params"]
     print(f"{result['device']}: {params / 1e6:.1f}M params, {tps:.0f} tokens/s, MFU {result['mfu']:.2%} "
           f"(of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s), peak {result['peak_mem_bytes'] / 2**30:.2f} GiB, planner "
           f"{pred / 2**30:.2f} GiB -> {path}")

@@ -50,7 +50,7 @@ def run_zero_trainer(config_dir: Path, out: Path) -> float:
 
 
 def run_hf(config_dir: Path, out: Path) -> float:
-    from bench.common import free_port
+    from zero_trainer.launch import free_port
     from zero_trainer.ops import remove_shm_buffers
 
     port = free_port()
@@ -72,7 +72,7 @@ def hf_worker(config_dir: str, out: str) -> None:
 
     from zero_trainer.ds_config import DS_CONFIG_DIR
     from zero_trainer.recipe import load_recipe
-    from zero_trainer.trainer import load_data
+    from zero_trainer.resolve import load_data
 
     recipe = load_recipe("recipes/debug.yaml", ["model.preset=null", f"model.config={config_dir}", *COMMON])
     config = AutoConfig.from_pretrained(config_dir)
@@ -92,14 +92,14 @@ def hf_worker(config_dir: str, out: str) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.time())
 
-    train = recipe["train"]
-    torch.manual_seed(train["seed"])
+    train = recipe.train
+    torch.manual_seed(train.seed)
     args = TrainingArguments(output_dir=out, deepspeed=str(DS_CONFIG_DIR / f"{DS_CONFIG}.json"), max_steps=STEPS,
-                             per_device_train_batch_size=MICRO, learning_rate=train["lr"],
-                             warmup_steps=train["warmup_steps"], weight_decay=train["weight_decay"],
-                             adam_beta1=train["betas"][0], adam_beta2=train["betas"][1], max_grad_norm=1.0,
+                             per_device_train_batch_size=MICRO, learning_rate=train.lr,
+                             warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
+                             adam_beta1=train.betas[0], adam_beta2=train.betas[1], max_grad_norm=1.0,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                             dataloader_num_workers=0, seed=train["seed"])
+                             dataloader_num_workers=0, seed=train.seed)
     model = AutoModelForCausalLM.from_config(config)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[StepClock()])
     trainer.train()

@@ -52,22 +52,22 @@ def measure(ds_name: str, workdir: str) -> dict:
     recipe = load_recipe("recipes/debug.yaml", [*OVERRIDES, f"deepspeed.config={ds_name}",
                                                 f"output_dir={workdir}/{ds_name}"])
     run = Run(recipe)
-    train = recipe["train"]
-    stop, bar = StopRequest(), metrics.progress_bar(train["max_steps"], enabled=False)
+    train = recipe.train
+    stop, bar = StopRequest(), metrics.progress_bar(train.max_steps, enabled=False)
     log = metrics.MetricsLog(run.out / "metrics.csv")
-    sampler = BatchSampler(len(run.data.train), train["micro_batch"], 0, 1, train["seed"])
+    sampler = BatchSampler(len(run.data.train), train.micro_batch, 0, 1, train.seed)
     batches = [run.batch(run.data.train, sampler.indices(k)) for k in range(STEPS)]
 
-    model = build_initialized_model(run.model_cfg, run.ds_config, train["seed"])
+    model = build_initialized_model(run.model_cfg, run.ds_config, train.seed)
     raw, *_ = deepspeed.initialize(model=model, config=run.ds_config, model_parameters=list(model.parameters()))
-    torch.manual_seed(train["seed"])
+    torch.manual_seed(train.seed)
     plain = build_model(run.model_cfg)
-    optimizer = torch.optim.AdamW(plain.parameters(), lr=train["lr"], betas=tuple(train["betas"]),
-                                  eps=train["eps"], weight_decay=train["weight_decay"])
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=train.lr, betas=tuple(train.betas),
+                                  eps=train.eps, weight_decay=train.weight_decay)
     arms = {
         "zero_trainer": lambda n: train_until(run, run.state["step"] + n, stop, log, bar),
         "raw_deepspeed": lambda n: raw_deepspeed_steps(raw, batches[:n]),
-        "pytorch_adamw": lambda n: pytorch_steps(plain, optimizer, batches[:n], train["grad_clip"]),
+        "pytorch_adamw": lambda n: pytorch_steps(plain, optimizer, batches[:n], train.grad_clip),
     }
     for arm in arms.values():
         arm(WARMUP)

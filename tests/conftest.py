@@ -2,12 +2,14 @@
 
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from zero_trainer.launch import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -25,12 +27,6 @@ def _test_cache(tmp_path_factory):
     yield
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cli(*args, timeout=900, check=True, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "zero_trainer", *map(str, args)], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
@@ -40,16 +36,108 @@ def run_cli(*args, timeout=900, check=True, env=None) -> subprocess.CompletedPro
     return proc
 
 
-def train(out: Path, ds_config="zero0", num_procs=1, steps=20, overrides=(), recipe="recipes/debug.yaml",
-          extra=()) -> dict:
-    """`zero-trainer train` end to end; returns summary.json. Also checks the run left no DeepSpeed shm
-    all-reduce workspace behind in /dev/shm (RAM)."""
+def launch_engines(root: Path, world_size: int, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """Several whole runs (name -> recipe overrides) one after another in one `deepspeed` launch of
+    tests/engines_check.py; returns name -> summary.json. Checks no shm workspace was left behind."""
+    spec = [{"output_dir": str(root / name), "overrides": list(overrides)} for name, overrides in runs.items()]
+    (root / "spec.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "spec.json").write_text(json.dumps(spec))
     port = free_port()
-    run_cli("train", "--recipe", recipe, "--ds-config", ds_config, "--num-procs", num_procs, "--output-dir", out,
-            "--master-port", port, *extra, f"train.max_steps={steps}", "train.precision=fp32", *FAST, *overrides)
+    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", str(world_size), "--master_port", str(port),
+                           "tests/engines_check.py", str(root / "spec.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not left, f"the run left {[p.name for p in left]} in /dev/shm"
-    return json.loads((out / "summary.json").read_text())
+    assert not left, f"the launch left {[p.name for p in left]} in /dev/shm"
+    return {name: read_summary(root / name) for name in runs}
+
+
+# Every shipped JSON at world size 1 and 2, plus bf16, each a whole run of the debug recipe.
+STEPS = 12
+BASE = ["train.precision=fp32", f"train.max_steps={STEPS}", *FAST]
+SAVED = ["train.save_every=3", "train.keep_last=10"]  # checkpoints the resume tests start from
+
+
+class EngineRuns:
+    """(name, world size) -> summary of a whole run: every ds_configs JSON in fp32, and `zero2_bf16`, at world size
+    1 and 2. Each world size is one launch, made the first time one of its runs is asked for (so a pytest worker
+    launches only the world size its tests use). At world size 2, zero2, zero3 and zero2_bf16 keep a checkpoint every
+    3 steps, for the resume tests."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory, self.by_world_size = tmp_path_factory, {}
+
+    def __getitem__(self, key: tuple[str, int]) -> dict:
+        name, ws = key
+        if ws not in self.by_world_size:
+            from zero_trainer.ds_config import available_ds_configs
+
+            named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
+            named["zero2_bf16"] = [*BASE, "deepspeed.config=zero2", "train.precision=bf16"]
+            if ws == 2:
+                for n in ("zero2", "zero3", "zero2_bf16"):
+                    named[n] += SAVED
+            self.by_world_size[ws] = launch_engines(self.tmp_path_factory.mktemp(f"engines_ws{ws}"), ws, named)
+        return self.by_world_size[ws][name]
+
+
+@pytest.fixture(scope="session")
+def engine_runs(tmp_path_factory) -> EngineRuns:
+    return EngineRuns(tmp_path_factory)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup), the tests that read one world size's engine runs
+    share a worker, so that launch happens once. A test says which world size with @pytest.mark.engine_ws(N), or
+    by a `world_size` parameter."""
+    for item in items:
+        if "engine_runs" not in getattr(item, "fixturenames", ()):
+            continue
+        marker = item.get_closest_marker("engine_ws")
+        ws = marker.args[0] if marker else item.callspec.params["world_size"]
+        item.add_marker(pytest.mark.xdist_group(f"engines_ws{ws}"))
+
+
+def fork_run(summary: dict, step: int, out: Path) -> Path:
+    """A new output dir holding one checkpoint (and the metrics up to it) of an engine_runs run: what a run stopped
+    at `step` leaves, without launching one."""
+    src = Path(summary["recipe"]["output_dir"])
+    name = f"step_{step:08d}"
+    shutil.copytree(src / "checkpoints" / name, out / "checkpoints" / name)
+    rows = (src / "metrics.csv").read_text().splitlines()
+    (out / "metrics.csv").write_text("\n".join(rows[: step + 1]) + "\n")
+    return out
+
+
+def launch_ranks(out: Path, ds_config: str, num_procs: int, steps: int = STEPS, resume: bool = False,
+                 overrides=(), recipe: str = "recipes/debug.yaml", launcher: str = "deepspeed") -> dict | None:
+    """The ranks through a real launcher, without zero-trainer's preflight: they resolve, check and train by
+    themselves. launcher: "deepspeed" (`deepspeed --num_gpus N --module zero_trainer.train`), "torchrun", or
+    "two_nodes" (two `deepspeed --hostfile H --no_ssh --node_rank K` launchers on this machine, one rank each).
+    Returns summary.json, or None when the run stopped early. No launcher sweeps /dev/shm afterwards, so this also
+    checks every rank released its DeepSpeed shm all-reduce workspace itself."""
+    port = free_port()
+    rank_args = ["--recipe", recipe, "--ds-config", ds_config, "--output-dir", str(out),
+                 *(["--resume"] if resume else []), *BASE, f"train.max_steps={steps}", *overrides]
+    deepspeed = [str(BIN / "deepspeed"), "--master_port", str(port)]
+    if launcher == "torchrun":
+        cmds = [[str(BIN / "torchrun"), "--nproc-per-node", str(num_procs), "--master-port", str(port),
+                 "-m", "zero_trainer.train", *rank_args]]
+    elif launcher == "two_nodes":
+        assert num_procs == 2
+        hostfile = out.parent / f"{out.name}.hostfile"
+        hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+        cmds = [[*deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr",
+                 "127.0.0.1", "--module", "zero_trainer.train", *rank_args] for k in (0, 1)]
+    else:
+        cmds = [[*deepspeed, "--num_gpus", str(num_procs), "--module", "zero_trainer.train", *rank_args]]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in cmds]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
+    assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    return read_summary(out) if (out / "summary.json").exists() else None
 
 
 def read_summary(out: Path) -> dict:

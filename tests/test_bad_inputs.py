@@ -1,15 +1,19 @@
-"""A catalog of bad inputs through the real CLI (`python -m zero_trainer train ...` in a subprocess).
+"""A catalog of bad inputs through the CLI (`zero-trainer train ...`).
 
 Every one must end the same way: exit code 2, stderr exactly one line `error: <what> (<where>): <fix>` that
 names the field or file, no traceback, and nothing under the test's directory created or changed — no output
 dir, no nvme dir, and an existing output dir with checkpoints left byte for byte and mtime for mtime.
 
-Cheap cases (argparse, recipe, JSON files) fail in well under a second; the ones that reach DeepSpeed's parser,
-the model or the data pay for importing them (a few seconds each), so the corpora here are tiny.
+Nothing launches for a bad input, so the catalog runs the CLI's own `main()` in this process (importing torch and
+DeepSpeed once, not once a case); a sample goes through a real `python -m zero_trainer` process too, where a
+traceback or a stray line on stderr would show exactly as a user sees it.
 """
 
+import contextlib
+import io
 import json
 import os
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -176,6 +180,14 @@ CATALOG = {
     "unknown preset": (lambda t: [*D, "model.preset=gpt9"], ["unknown model preset", "model.preset"], False),
     "model config missing": (lambda t: [*D, "model.preset=null", f"model.config={t / 'config.json'}"],
                              ["model.config"], False),
+    "encoder config as model.config": (lambda t: [*D, "model.preset=null", "model.config=" + str(write(
+        t / "inputs" / "bert" / "config.json", {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
+                                                "num_attention_heads": 2, "intermediate_size": 128}))],
+                                       ["model_type 'bert' is an encoder", "model.config"], False),
+    "encoder-decoder config as model.config": (lambda t: [*D, "model.preset=null", "model.config=" + str(write(
+        t / "inputs" / "bart" / "config.json", {"model_type": "bart", "d_model": 64, "encoder_layers": 1,
+                                                "decoder_layers": 1, "vocab_size": 512}))],
+                                               ["model_type 'bart' is an encoder-decoder", "model.config"], False),
     "seq_len beyond the model's positions": (lambda t: [*D, "data.seq_len=1024"],
                                              ["max_position_embeddings 512", "data.seq_len"], False),
     "nvme_path too small for the model": (lambda t: [*D, *nvme_too_small(t)], ["deepspeed.nvme_path", "GiB free"],
@@ -220,50 +232,67 @@ def existing_run(out: Path) -> None:
     write(out / "checkpoints" / "latest", "global_step10")
 
 
-# Each CLI call spends seconds importing torch/DeepSpeed/transformers: the selected cases start together on a
-# small pool, each test then checks its own result.
-WORKERS = min(4, os.cpu_count() or 2)
+def run_in_process(args: list[str]):
+    """`zero-trainer train ARGS` through cli.main in this process: (exit code, stdout, stderr)."""
+    from zero_trainer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["train", *args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        except Exception:  # what a user would see as a traceback
+            traceback.print_exc(file=err)
+            code = 1
+    return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def outcomes(request, tmp_path_factory):
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        started = {}
-        for case in selected:
-            build, _, existing = CATALOG[case]
-            t = tmp_path_factory.mktemp("bad_input")
-            try:
-                args = [str(a) for a in build(t)]
-            except pytest.skip.Exception as skip:
-                started[case] = skip
-                continue
-            if "--output-dir" not in args:
-                args += ["--output-dir", str(t / "out")]
-            if existing:
-                existing_run(t / "out")
-            started[case] = (t, snapshot(t), pool.submit(run_cli, "train", *args, check=False, timeout=300))
-        yield started
+def prepare(case: str, t: Path):
+    build, _, existing = CATALOG[case]
+    args = [str(a) for a in build(t)]
+    if "--output-dir" not in args:
+        args += ["--output-dir", str(t / "out")]
+    if existing:
+        existing_run(t / "out")
+    return args
 
 
-@pytest.mark.parametrize("case", list(CATALOG))
-def test_bad_input_is_one_line_exit_2_nothing_written(case, outcomes):
-    if isinstance(outcomes[case], pytest.skip.Exception):
-        pytest.skip(str(outcomes[case]))
-    t, before, running = outcomes[case]
+def check(case: str, t: Path, before: dict, code: int, stdout: str, stderr: str):
     _, expected, existing = CATALOG[case]
-    proc = running.result()
-
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    assert len(lines) == 1, f"stderr is not one line:\n{proc.stderr[-3000:]}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, f"exit {code}\n{stderr[-3000:]}"
+    assert len(lines) == 1, f"stderr is not one line:\n{stderr[-3000:]}"
     assert lines[0].startswith("error: "), lines[0]
     for text in expected:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "Traceback" not in stderr + stdout
     assert existing or not (t / "out").exists(), "the output dir was created"
     assert snapshot(t) == before, "something under the test dir was created or changed"
+
+
+@pytest.mark.parametrize("case", list(CATALOG))
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path):
+    args = prepare(case, tmp_path)
+    before = snapshot(tmp_path)
+    check(case, tmp_path, before, *run_in_process(args))
+
+
+# One case from each stage of the checks, through a real process: the line a user sees, and nothing else.
+REAL_PROCESS = ["unknown flag", "unknown recipe field", "misspelt zero key", "jsonl row without text"]
+
+
+def test_bad_input_through_a_real_process(tmp_path):
+    with ThreadPoolExecutor(len(REAL_PROCESS)) as pool:
+        started = {}
+        for case in REAL_PROCESS:
+            t = tmp_path / case.replace(" ", "_")
+            t.mkdir()
+            args = prepare(case, t)
+            started[case] = (t, snapshot(t), pool.submit(run_cli, "train", *args, check=False, timeout=300))
+        for case, (t, before, running) in started.items():
+            proc = running.result()
+            check(case, t, before, proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_catalog_is_large_and_distinct():

@@ -1,23 +1,17 @@
 """The benchmarks' own code paths, on this CPU machine (timings are not asserted: see bench/results)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO
 
 from bench.memory import theory_bytes
 
 
 @pytest.mark.multiproc
-def test_gpu_bench_runs_its_cpu_path(tmp_path):
-    env = {**os.environ, "ZERO_TRAINER_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_cpu.json").read_text())
+@pytest.mark.engine_ws(1)
+def test_gpu_bench_reports_a_real_run(engine_runs):
+    """bench.gpu's result from a real bf16 zero2 run's summary (the launch itself is `zero-trainer train`)."""
+    from bench.gpu import result_from_summary
+
+    result = result_from_summary(engine_runs["zero2_bf16", 1], "cpu", "recipes/debug.yaml")
     assert result["device"] == "cpu" and result["ds_config_name"] == "zero2" and result["precision"] == "bf16"
     assert result["tokens_per_s"] > 0 and result["peak_mem_bytes"] > 0 and result["predicted_peak_bytes"] > 0
     assert result["mfu"] == pytest.approx(6 * result["params"] * result["tokens_per_s"] / 989e12)

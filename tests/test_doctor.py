@@ -23,15 +23,16 @@ def plant_lock(extensions, op: str):
     return lock
 
 
-def test_stale_lock_is_reported_with_its_fix(extensions, tmp_path):
+def test_stale_lock_is_reported_with_its_fix(extensions, tmp_path, capsys):
+    from zero_trainer.cli import main
+
     lock = plant_lock(extensions, "fake_op")
     lock.touch()  # what a JIT build killed midway leaves behind
-    proc = run_cli("doctor", "--output-dir", tmp_path / "out", check=False, timeout=300,
-                   env={"TORCH_EXTENSIONS_DIR": str(extensions)})
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    problems = [line for line in proc.stdout.splitlines() if line.startswith("problem: ")]
+    assert main(["doctor", "--output-dir", str(tmp_path / "out")]) == 1
+    stdout = capsys.readouterr().out
+    problems = [line for line in stdout.splitlines() if line.startswith("problem: ")]
     stale = [line for line in problems if str(lock) in line]
-    assert len(stale) == 1, proc.stdout
+    assert len(stale) == 1, stdout
     assert "stale JIT build lock" in stale[0] and f"remove it: rm {lock}" in stale[0]
     assert lock.exists(), "doctor reports; it does not remove"
     assert not (tmp_path / "out").exists(), "doctor creates nothing"

@@ -11,10 +11,10 @@ from zero_trainer.ds_config import (
     load_ds_config,
     nvme_bytes_needed,
     resolve_auto_values,
-    unwritable_reason,
     validate_ds_config,
 )
 from zero_trainer.errors import UsageError
+from zero_trainer.hardware import unwritable_reason
 from zero_trainer.recipe import load_recipe
 
 RECIPE = load_recipe("debug")
@@ -35,7 +35,7 @@ def error_line(ds: dict, recipe=RECIPE, world_size=1) -> str:
 def test_every_shipped_config_validates(name, world_size):
     """No false alarms: DeepSpeed reads every key the shipped files carry (aio.thread_count was one it ignored)."""
     filled = validate_ds_config(shipped(name), RECIPE, world_size=world_size, source=name)
-    assert filled["train_batch_size"] == RECIPE["train"]["micro_batch"] * world_size
+    assert filled["train_batch_size"] == RECIPE.train.micro_batch * world_size
 
 
 def _set(path: str, value):
@@ -166,4 +166,4 @@ def test_recipe_sections(tmp_path, text, expected):
 def test_empty_recipe_section_is_allowed(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("model:\n  preset: debug\ntrain:\n")
-    assert load_recipe(str(path))["train"]["max_steps"] == 100
+    assert load_recipe(str(path)).train.max_steps == 100

@@ -176,5 +176,5 @@ def test_non_causal_config_json_rejected(tmp_path):
 
 
 def test_second_import_registers_again():
-    spec = importlib.util.spec_from_file_location("zero_lm_copy", zm.__file__)
+    spec = importlib.util.spec_from_file_location("zero_trainer.zero_lm_copy", zm.__file__)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))  # must not raise "already used"

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .recipe import Recipe
 
 STATE_FILE = "zero_trainer_state.json"
 COMPLETE = "COMPLETE"
@@ -86,13 +87,13 @@ def model_shape(model_cfg) -> dict:
     return {k: d.get(k) for k in SHAPE_FIELDS}
 
 
-def check_resume(recipe: dict, model_cfg, resume: bool, flag: str = "--resume") -> Path | None:
+def check_resume(recipe: Recipe, model_cfg, resume: bool, flag: str = "--resume") -> Path | None:
     """Before launching: the checkpoint to resume from, or an error. Also refuses to start a fresh run over
     existing checkpoints (that would mix two runs' steps and prune the old one's)."""
-    root = checkpoint_root(recipe["output_dir"])
+    root = checkpoint_root(recipe.output_dir)
     if not resume:
         if newest_complete(root) is not None:
-            raise UsageError(f"output dir {recipe['output_dir']} already holds checkpoints", "output_dir",
+            raise UsageError(f"output dir {recipe.output_dir} already holds checkpoints", "output_dir",
                              "pass --resume to continue that run, or choose another --output-dir")
         return None
     ckpt = find_checkpoint(root, flag)

@@ -4,99 +4,27 @@
 """
 
 import argparse
-import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .errors import UsageError
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_command(args, recipe_path: str) -> list[str]:
-    import torch
-
-    deepspeed_bin = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed"]
-    if torch.cuda.is_available():
-        if args.num_procs:
-            cmd += ["--num_gpus", str(args.num_procs)]
-    else:  # CPU ranks: one unless asked for more
-        cmd += ["--num_gpus", str(args.num_procs or 1)]
-    cmd += ["--master_port", str(args.master_port or free_port()), "--module", "zero_trainer.train",
-            "--recipe", recipe_path]
-    for flag in ("ds_config", "output_dir", "nvme_path"):
-        value = getattr(args, flag)
-        if value is not None:
-            cmd += [f"--{flag.replace('_', '-')}", value]
-    if args.resume:
-        cmd.append("--resume")
-    return cmd + list(args.overrides)
-
-
-def run_launcher(cmd: list[str]) -> int:
-    """Run the deepspeed launcher in its own process group; a SIGTERM/SIGINT to us goes to the whole group.
-
-    DeepSpeed's top-level runner does not forward signals on a single node, so signalling only it would
-    orphan the ranks. Each rank catches SIGTERM, checkpoints the current step and exits; we wait for that.
-    """
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    received = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    code = proc.wait()
-    if received:
-        deadline = time.time() + 120  # the ranks are writing their checkpoint
-        while time.time() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        return 128 + received[0]
-    return code
-
-
 def cmd_train(args) -> int:
+    from .launch import launch
+    from .ops import clear_stale_locks
+    from .resolve import resolve
     from .train import recipe_from_args
 
     recipe = recipe_from_args(args)  # cheap first: most bad input is caught before torch is imported
-    from .checkpoint import check_resume, check_stage_change
-    from .ds_config import preflight, zero_stage
-    from .model import model_config
-    from .ops import clear_stale_locks, remove_shm_buffers
-    from .trainer import model_source
-
-    world_size = args.num_procs or _local_device_count()
-    resolved = preflight(recipe, world_size=world_size)
-    resume_from = check_resume(recipe, model_config(model_source(recipe)), args.resume)
-    if resume_from is not None:
-        check_stage_change(resume_from, zero_stage(resolved))
+    resolve(recipe, world_size=args.num_procs or _local_device_count(), resume=args.resume)
     clear_stale_locks()
-    recipe_path = str(Path(recipe["recipe_path"]).resolve())
-    if args.master_port is None:
-        args.master_port = free_port()
-    cmd = launcher_command(args, recipe_path)
-    print("launching: " + " ".join(cmd), flush=True)
-    try:
-        return run_launcher(cmd)
-    finally:
-        remove_shm_buffers(args.master_port)
+    rank_args = ["--recipe", str(Path(recipe.path).resolve())]
+    for flag in ("ds_config", "output_dir", "nvme_path"):
+        if getattr(args, flag) is not None:
+            rank_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    rank_args += (["--resume"] if args.resume else []) + list(args.overrides)
+    return launch(args.num_procs, args.master_port, rank_args)
 
 
 def _local_device_count() -> int:
@@ -115,15 +43,6 @@ def add_train_subcommand(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-# Each subcommand lives beside the code it drives; each module has add_subcommand(subparsers).
-SUBCOMMANDS = [
-    "zero_trainer.cli:add_train_subcommand",
-    "zero_trainer.plan:add_subcommand",
-    "zero_trainer.export:add_subcommand",
-    "zero_trainer.doctor:add_subcommand",
-]
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse's own errors (an unknown flag, a missing --recipe) as the one line every bad input gets."""
 
@@ -132,13 +51,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    # Each subcommand's flags live beside the code it drives (add_subcommand in each module).
+    from . import doctor, export, plan_report
 
     p = _Parser(prog="zero-trainer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for entry in SUBCOMMANDS:
-        module, func = entry.split(":")
-        getattr(importlib.import_module(module), func)(sub)
+    add_train_subcommand(sub)
+    for module in (plan_report, export, doctor):
+        module.add_subcommand(sub)
     return p
 
 

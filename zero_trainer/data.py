@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -67,20 +68,28 @@ def load_documents(path: str | list[str] | None, cache_dir: str | None = None) -
       - a directory written by Dataset.save_to_disk;
       - a directory (searched recursively) or a list of .jsonl/.parquet/.txt files, read in that order of
         type; here each .txt file is one document.
-    Documents that are empty or only whitespace are dropped. cache_dir holds datasets' arrow copies.
+    Text files may start with a UTF-8 BOM and end lines with CRLF; neither reaches the text. Documents that
+    are empty or only whitespace are dropped, but a file (or saved dataset) with no text at all is an error,
+    as are rows without a string text, binary files and bytes that are not UTF-8: each raises a DataError
+    naming the file and line (or row), before anything is cached. cache_dir holds datasets' arrow copies.
     """
+    saved = False
     if path is None:
-        documents = _load_text_files(default_corpus_files(), "document", cache_dir)
+        files = default_corpus_files()
+        for file in files:
+            _check_lines(file, must_have_text=False)  # the stdlib has empty __init__.py files
+        documents = _load_text_files(files, "document", cache_dir)
     elif isinstance(path, (list, tuple)):
         documents = _load_document_files([f for p in path for f in _document_files(p)], "document", cache_dir)
     elif os.path.isdir(path) and _is_saved_dataset(path):
-        documents = _load_saved_dataset(path)
+        documents, saved = _load_saved_dataset(path), True
     elif os.path.isdir(path):
         documents = _load_document_files(_document_files(path), "document", cache_dir)
     else:
         documents = _load_document_files(_document_files(path), "paragraph", cache_dir)
 
-    documents = documents.filter(_is_not_blank, batched=True, desc="dropping empty documents")
+    # A saved dataset's filter index would be cached next to its arrow files, inside the user's data directory.
+    documents = documents.filter(_is_not_blank, batched=True, keep_in_memory=saved, desc="dropping empty documents")
     if len(documents) == 0:
         raise DataError(f"empty corpus ({path}): no document has any non-whitespace text; point data.path at real text")
     return documents
@@ -106,15 +115,18 @@ def _document_files(path: str) -> list[str]:
 
 def _load_document_files(files: list[str], txt_sample_by: str, cache_dir: str | None) -> datasets.Dataset:
     by_suffix = {suffix: [f for f in files if Path(f).suffix == suffix] for suffix in DOCUMENT_SUFFIXES}
+    # Every file is checked before datasets reads any, so a bad file late in a directory leaves no cache behind.
+    for file in by_suffix[".jsonl"]:
+        _check_lines(file, row_text=_jsonl_text)
+    for file in by_suffix[".parquet"]:
+        _check_parquet(file)
+    for file in by_suffix[".txt"]:
+        _check_lines(file)
     parts = []
     if by_suffix[".jsonl"]:
-        for file in by_suffix[".jsonl"]:
-            _check_jsonl(file)
         jsonl = datasets.load_dataset("json", data_files=by_suffix[".jsonl"], split="train", cache_dir=cache_dir)
         parts.append(jsonl.select_columns(["text"]))
     if by_suffix[".parquet"]:
-        for file in by_suffix[".parquet"]:
-            _check_parquet(file)
         parts.append(
             datasets.load_dataset(
                 "parquet", data_files=by_suffix[".parquet"], columns=["text"], split="train", cache_dir=cache_dir
@@ -129,19 +141,48 @@ def _load_document_files(files: list[str], txt_sample_by: str, cache_dir: str | 
 
 
 def _load_text_files(files: list[str], sample_by: str, cache_dir: str | None) -> datasets.Dataset:
-    for file in files:
-        _check_utf8(file)
-    return datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train", cache_dir=cache_dir)
+    # utf-8-sig drops a leading BOM (and reads BOM-less UTF-8 unchanged); text mode turns CRLF into "\n".
+    return datasets.load_dataset("text", data_files=files, sample_by=sample_by, encoding="utf-8-sig",
+                                 split="train", cache_dir=cache_dir)
 
 
-def _check_utf8(file: str) -> None:
-    # datasets' text loader would fail (or, with errors=replace, silently corrupt) without naming the line.
+def _check_lines(file: str, row_text=None, must_have_text: bool = True) -> None:
+    """One cheap pass of our own over a text or JSON-lines file before datasets reads it.
+
+    datasets would fail on a bad line without naming it (an empty file even ends in a StopIteration), or
+    store it silently: a missing key as a null text, binary bytes as text. row_text(line, file, line_number)
+    returns a JSON line's text; without it each non-blank line counts as text.
+    """
+    line_number, has_rows, has_text = 0, False, False
     with open(file, "rb") as f:
+        # Binary files (images, archives, UTF-16 text) hold NUL bytes, usually early: say so rather than
+        # report the first byte that is not UTF-8, as git and grep do.
+        head = f.read(8192)
+        if b"\0" in head:
+            nul = head.index(b"\0")
+            _raise_binary(file, head.count(b"\n", 0, nul) + 1, nul - (head.rfind(b"\n", 0, nul) + 1))
+        f.seek(0)
         for line_number, raw in enumerate(f, start=1):
-            _decode_line(raw, file, line_number)
+            line = _decode_line(raw, file, line_number)
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 BOM; datasets' readers drop it too
+            if has_text and row_text is None:
+                continue
+            if not line or line.isspace():
+                continue
+            text = row_text(line, file, line_number) if row_text else line
+            has_rows, has_text = True, has_text or (bool(text) and not text.isspace())
+    if must_have_text and not has_text:
+        if line_number == 0:
+            raise DataError(f"empty corpus file ({file}:1, 0 bytes): put text in it, or remove it from data.path")
+        lines = "1" if line_number == 1 else f"1-{line_number}"
+        blank = 'every "text" is blank' if has_rows else "every line is blank"
+        raise DataError(f"empty corpus file ({file}:{lines}, {blank}): put text in it, or remove it from data.path")
 
 
 def _decode_line(raw: bytes, file: str, line_number: int) -> str:
+    if b"\0" in raw:
+        _raise_binary(file, line_number, raw.index(b"\0"))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -151,31 +192,79 @@ def _decode_line(raw: bytes, file: str, line_number: int) -> str:
         ) from None
 
 
-def _check_jsonl(file: str) -> None:
-    # One cheap pass of our own first, so that a bad row is reported as file:line rather than as an arrow
-    # schema error (or, for a missing key, silently as a null text).
-    with open(file, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            line = _decode_line(raw, file, line_number)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON ({file}:{line_number}): {err.msg}; "
-                                "each line must be one JSON object") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                found = f"keys {sorted(row)}" if isinstance(row, dict) else type(row).__name__
-                raise DataError(
-                    f'row without a "text" string ({file}:{line_number}, found {found}): '
-                    'every line must look like {"text": "..."}'
-                )
+def _raise_binary(file: str, line_number: int, byte: int):
+    raise DataError(
+        f"binary data, not text ({file}:{line_number}, NUL byte at byte {byte} of the line): data.path takes "
+        "UTF-8 text; remove the file, or if it is UTF-16 text re-encode it (iconv -f utf-16 -t utf-8)"
+    )
+
+
+def _jsonl_text(line: str, file: str, line_number: int) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"invalid JSON ({file}:{line_number}): {err.msg}; "
+                        "each line must be one JSON object") from None
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        if not isinstance(row, dict):
+            found = f"a JSON {_json_type(row)}, not an object"
+        elif "text" in row:
+            found = f'"text": {_json_type(text)}'
+        else:
+            found = f"keys {sorted(row)}"
+        raise DataError(
+            f'row without a "text" string ({file}:{line_number}, found {found}): '
+            'every line must look like {"text": "..."}'
+        )
+    if "\\u" in line:  # json.loads turns an unpaired \ud800-\udfff escape into a str no tokenizer can encode
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f'"text" is not valid Unicode ({file}:{line_number}, an unpaired surrogate escape at '
+                            f"character {err.start} of the text): drop the escape, or pair it") from None
+    return text
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"),
+                       (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def _check_parquet(file: str) -> None:
-    schema = pq.read_schema(file)
-    if "text" not in schema.names or schema.field("text").type not in ("string", "large_string"):
+    if os.path.getsize(file) == 0:
+        raise DataError(f"empty corpus file ({file}, 0 bytes): put rows in it, or remove it from data.path")
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"not a readable parquet file ({file}): {' '.join(str(err).split()).rstrip('.')}; "
+                        "rewrite it (e.g. pandas .to_parquet), or remove it from data.path") from None
+    schema = parquet.schema_arrow
+    if "text" not in schema.names:
         raise DataError(f'no "text" string column ({file}, columns {schema.names}): rename the text column to "text"')
+    if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+        raise DataError(f'"text" column holds {schema.field("text").type}, not strings ({file}, column "text"): '
+                        "store the documents as strings")
+    _check_text_column((batch.column(0) for batch in parquet.iter_batches(columns=["text"])), file)
+
+
+def _check_text_column(chunks, source: str) -> None:
+    """A null text names its row; blank texts are dropped later, but not when every row is blank."""
+    rows, has_text = 0, False
+    for chunk in chunks:
+        if chunk.null_count:
+            row = rows + pc.index(chunk.is_null(), True).as_py()
+            raise DataError(f'row without a "text" string ({source}, row {row}, found null): '
+                            "fill in or drop the rows whose text is null")
+        if not has_text and len(chunk):
+            has_text = pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(chunk)), 0)).as_py()
+        rows += len(chunk)
+    if not has_text:
+        what = "0 rows" if rows == 0 else f'rows 0-{rows - 1}, every "text" is blank'
+        raise DataError(f"empty corpus file ({source}, {what}): put text in it, or remove it from data.path")
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -189,9 +278,14 @@ def _load_saved_dataset(path: str) -> datasets.Dataset:
             raise DataError(f'saved DatasetDict has no "train" split ({path}, splits {list(saved)}): '
                             "save the train split")
         saved = saved["train"]
-    if saved.features.get("text") not in (datasets.Value("string"), datasets.Value("large_string")):
+    if "text" not in saved.features:
         raise DataError(f'no "text" string column in saved dataset ({path}, columns {saved.column_names}): '
                         'rename the text column to "text"')
+    feature = saved.features["text"]
+    if feature not in (datasets.Value("string"), datasets.Value("large_string")):
+        raise DataError(f'"text" column holds {getattr(feature, "dtype", type(feature).__name__)}, not strings '
+                        f'(saved dataset {path}, column "text"): store the documents as strings')
+    _check_text_column(saved.data.column("text").chunks, path)
     return saved.select_columns(["text"])
 
 
@@ -306,6 +400,9 @@ def _write_token_stream(documents: datasets.Dataset, tokenizer: PreTrainedTokeni
         remove_columns=documents.column_names,
         features=datasets.Features({"input_ids": datasets.List(datasets.Value(np.dtype(dtype).name))}),
         new_fingerprint=key,  # our key already names this result; spares datasets hashing the tokenizer
+        # Beside the stream, and deleted once it is written: left to datasets it would stay for good, inside
+        # a saved dataset's own directory for that input.
+        cache_file_name=path + ".arrow",
         desc="tokenizing",
     )
     ids = tokenized.with_format("arrow")["input_ids"]
@@ -319,7 +416,9 @@ def _write_token_stream(documents: datasets.Dataset, tokenizer: PreTrainedTokeni
         stream[position : position + len(flat)] = flat
         position += len(flat)
     stream.flush()
-    del stream
+    del stream, tokenized, ids
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path + ".arrow")
     logger.info("tokenized %d tokens in %.1fs", num_tokens, time.perf_counter() - started)
 
 

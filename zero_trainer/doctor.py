@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from . import ops
-from .ds_config import free_bytes, unwritable_reason
-from .recipe import DEFAULTS, REPO_ROOT
+from .hardware import free_bytes, unwritable_reason
+from .recipe import Recipe, nvme_path_for
+from .shipped import REPO_ROOT
 
 PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "accelerate")
 # Docker's default /dev/shm is 64 MB: too little for gloo, DeepSpeed's shm all-reduce and data loaders.
@@ -31,7 +32,7 @@ def add_subcommand(sub) -> None:
     d = sub.add_parser("doctor", help="check this machine for the traps that stall or break DeepSpeed runs",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     d.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
-    d.add_argument("--output-dir", default=DEFAULTS["output_dir"], help="where runs will write (free disk)")
+    d.add_argument("--output-dir", default=Recipe().output_dir, help="where runs will write (free disk)")
     d.add_argument("--nvme-path", help="NVMe swap directory to check (default OUTPUT_DIR/nvme)")
     d.set_defaults(func=cmd_doctor)
 
@@ -83,12 +84,13 @@ def _extensions_build_dir(root: Path) -> Path:
 
 
 def _ops(root: Path, problems: list) -> dict:
-    import deepspeed.ops.op_builder as builders
     from deepspeed.git_version_info import installed_ops
 
     build_dir, result = _extensions_build_dir(root), {}
     for builder_name in ops.CPU_OPS + ops.NVME_OPS:
-        builder = getattr(builders, builder_name)()
+        builder = ops.op_builder(builder_name)
+        if builder is None or type(builder).__name__ == "NotImplementedBuilder":
+            continue
         so = build_dir / builder.name / f"{builder.name}.so"
         built = so.is_file() or bool(installed_ops.get(builder.name))
         buildable = bool(builder.is_compatible(verbose=False))
@@ -158,11 +160,11 @@ def _launcher(problems: list) -> str | None:
     return found
 
 
-def diagnose(output_dir: str, nvme_path: str | None = None) -> dict:
+def diagnose(output_dir: str, nvme_dir: str | None = None) -> dict:
     """Every check; returns the report, with `problems` a list of {what, fix} (empty when all is well)."""
     problems: list[dict] = []
     root = ops.torch_extensions_dir()
-    nvme_path = nvme_path or os.path.join(output_dir, "nvme")
+    nvme_dir = nvme_path_for(output_dir, nvme_dir)
     # DeepSpeed logs to stdout on import; keep stdout for the report (one JSON object with --json).
     with contextlib.redirect_stdout(sys.stderr):
         report = {
@@ -173,7 +175,7 @@ def diagnose(output_dir: str, nvme_path: str | None = None) -> dict:
             "build_locks": _locks(root, problems),
             "shm": _shm(problems),
             "disk": {"output_dir": _disk("output dir", "--output-dir", output_dir, problems),
-                     "nvme_path": _disk("nvme path", "--nvme-path", nvme_path, problems)},
+                     "nvme_path": _disk("nvme path", "--nvme-path", nvme_dir, problems)},
             "launcher": _launcher(problems),
         }
     report["problems"] = problems

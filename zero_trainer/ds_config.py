@@ -4,24 +4,19 @@ Nobody else edits config dicts. The "auto" convention is HF Trainer's (transform
 an "auto" value is filled from the recipe; an explicit value that contradicts the recipe is an error listing
 every mismatch, so the same JSON file works unchanged here and in `TrainingArguments(deepspeed=path)`.
 
-`preflight` runs every check that can run before a process starts; `validate_ds_config` checks a JSON with
-DeepSpeed's own parser (its pydantic models, and which keys it actually reads) rather than a list of ours.
+`validate_ds_config` checks a JSON with DeepSpeed's own parser (its pydantic models, and which keys it actually
+reads) rather than a list of ours; resolve.py calls it before any process starts and again in every rank.
 """
 
-import contextlib
 import copy
-import difflib
 import json
 import os
-import shutil
-import sys
 import typing
 from pathlib import Path
 
 from .errors import UsageError, did_you_mean
-from .recipe import REPO_ROOT
-
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+from .recipe import Recipe, nvme_path_for
+from .shipped import DS_CONFIG_DIR
 
 # Used when a user's JSON has no optimizer/scheduler block: the same ones the shipped files carry.
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
@@ -80,16 +75,6 @@ def _refuse_duplicate_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
-def select_ds_config(recipe: dict, model_cfg, world_size: int) -> tuple[str, dict]:
-    """The recipe's deepspeed.config; "auto" asks the planner for the least-sharded rung that fits here."""
-    name = recipe["deepspeed"]["config"]
-    if name == "auto":
-        from .plan import plan_for_recipe
-
-        name = plan_for_recipe(recipe, model_cfg, world_size)
-    return load_ds_config(name)
-
-
 def load_universal_checkpoint(ds: dict) -> dict:
     """The config that makes engine.load_checkpoint read a universal checkpoint (another world size/stage)."""
     ds = copy.deepcopy(ds)
@@ -132,7 +117,7 @@ MODEL_AUTO_KEYS = ("zero_optimization.reduce_bucket_size", "zero_optimization.st
                    "zero_optimization.stage3_param_persistence_threshold")
 
 
-def fill_from_recipe(ds: dict, recipe: dict, *, world_size: int) -> tuple[dict, list[str]]:
+def fill_from_recipe(ds: dict, recipe: Recipe, *, world_size: int) -> tuple[dict, list[str]]:
     """A copy of `ds` with the recipe's "auto" values filled, and the explicit values that contradict it.
 
     Bucket sizes (from the model's hidden size) stay "auto": DeepSpeed's own parser drops a top-level "auto" in
@@ -142,28 +127,28 @@ def fill_from_recipe(ds: dict, recipe: dict, *, world_size: int) -> tuple[dict, 
     return f.config, f.mismatches
 
 
-def _recipe_filler(ds: dict, recipe: dict, world_size: int) -> _Filler:
+def _recipe_filler(ds: dict, recipe: Recipe, world_size: int) -> _Filler:
     ds = copy.deepcopy(ds)
-    train = recipe["train"]
+    train = recipe.train
     ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
     ds.setdefault("scheduler", copy.deepcopy(DEFAULT_SCHEDULER))
-    precision = train["precision"]
+    precision = train.precision
     ds.setdefault("bf16", {"enabled": "auto"})
     ds.setdefault("fp16", {"enabled": "auto"})
     f = _Filler(ds)
-    micro, accum = train["micro_batch"], train["grad_accum"]
+    micro, accum = train.micro_batch, train.grad_accum
     f.fill("train_micro_batch_size_per_gpu", micro, "train.micro_batch")
     f.fill("gradient_accumulation_steps", accum, "train.grad_accum")
     f.fill("train_batch_size", micro * accum * world_size, "train.micro_batch*train.grad_accum*world_size")
-    f.fill("gradient_clipping", train["grad_clip"], "train.grad_clip")
-    f.fill("optimizer.params.lr", train["lr"], "train.lr")
-    f.fill("optimizer.params.betas", list(train["betas"]), "train.betas")
-    f.fill("optimizer.params.eps", train["eps"], "train.eps")
-    f.fill("optimizer.params.weight_decay", train["weight_decay"], "train.weight_decay")
-    f.fill("scheduler.params.total_num_steps", train["max_steps"], "train.max_steps")
+    f.fill("gradient_clipping", train.grad_clip, "train.grad_clip")
+    f.fill("optimizer.params.lr", train.lr, "train.lr")
+    f.fill("optimizer.params.betas", list(train.betas), "train.betas")
+    f.fill("optimizer.params.eps", train.eps, "train.eps")
+    f.fill("optimizer.params.weight_decay", train.weight_decay, "train.weight_decay")
+    f.fill("scheduler.params.total_num_steps", train.max_steps, "train.max_steps")
     # DeepSpeed >= 0.19.6 rejects warmup_num_steps <= 0 (HF clamps the same way).
-    f.fill("scheduler.params.warmup_num_steps", max(1, train["warmup_steps"]), "train.warmup_steps")
-    f.fill("scheduler.params.warmup_max_lr", train["lr"], "train.lr")
+    f.fill("scheduler.params.warmup_num_steps", max(1, train.warmup_steps), "train.warmup_steps")
+    f.fill("scheduler.params.warmup_max_lr", train.lr, "train.lr")
     f.fill("scheduler.params.warmup_min_lr", 0, "train.lr", must_match=False)
     f.fill("fp16.enabled", precision == "fp16", "train.precision")
     f.fill("bf16.enabled", precision == "bf16", "train.precision")
@@ -177,7 +162,7 @@ def _recipe_filler(ds: dict, recipe: dict, world_size: int) -> _Filler:
 MIN_REDUCE_BUCKET = 1_000_000
 
 
-def resolve_auto_values(ds: dict, recipe: dict, *, world_size: int, hidden_size: int,
+def resolve_auto_values(ds: dict, recipe: Recipe, *, world_size: int, hidden_size: int,
                         largest_param_numel: int = 0, output_dir: str | None = None, params: int = 0) -> dict:
     """A copy of `ds` with every "auto" filled from the recipe, ready for deepspeed.initialize. `params` (the
     model's parameter count, when known) caps the reduce bucket's floor at the model's size."""
@@ -197,11 +182,11 @@ def resolve_auto_values(ds: dict, recipe: dict, *, world_size: int, hidden_size:
            must_match=False)
 
     zero = ds.get("zero_optimization", {})
-    nvme_path = recipe["deepspeed"]["nvme_path"] or (os.path.join(output_dir, "nvme") if output_dir else None)
+    swap = nvme_path_for(output_dir, recipe.deepspeed.nvme_path) if output_dir else recipe.deepspeed.nvme_path
     for what in ("optimizer", "param"):
         block = zero.get(f"offload_{what}")
-        if block and block.get("device") == "nvme" and nvme_path:
-            block["nvme_path"] = str(Path(nvme_path).resolve())
+        if block and block.get("device") == "nvme" and swap:
+            block["nvme_path"] = str(Path(swap).resolve())
     # The NVMe parameter swap buffer must hold the largest single parameter (the embedding, usually).
     param_block = zero.get("offload_param") or {}
     if param_block.get("device") == "nvme" and param_block.get("buffer_size", 0) < largest_param_numel:
@@ -305,11 +290,8 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    if close:
-        return f"did you mean '{close[0]}'?"
-    return "remove it, or check the name in https://www.deepspeed.ai/docs/config-json/"
+def _unknown_key_fix(key: str, known) -> str:
+    return did_you_mean(key, known, "remove it, or check the name in https://www.deepspeed.ai/docs/config-json/")
 
 
 def _node(ds: dict, path: tuple):
@@ -356,7 +338,7 @@ def _pydantic_error(err, ds: dict, reads: _Reads, source) -> UsageError:
         return UsageError(f"DeepSpeed rejects the '{dotted}' block{more}", str(source), _one_line(first["msg"]))
     if first["type"] == "extra_forbidden":
         return UsageError(f"unknown DeepSpeed config key '{dotted}'{more}", str(source),
-                          _suggest(loc[-1], _pydantic_keys(err.title, loc[:-1])))
+                          _unknown_key_fix(loc[-1], _pydantic_keys(err.title, loc[:-1])))
     return UsageError(f"DeepSpeed rejects {dotted} = {first.get('input')!r}{more}", str(source),
                       f"give a value DeepSpeed accepts ({_one_line(first['msg'])})")
 
@@ -404,7 +386,7 @@ def _check_unread_keys(ds: dict, reads: _Reads, source) -> None:
             if key not in known:
                 dotted = ".".join(path + (key,))
                 raise UsageError(f"unknown DeepSpeed config key '{dotted}' (DeepSpeed would ignore it)",
-                                 str(source), _suggest(key, known))
+                                 str(source), _unknown_key_fix(key, known))
 
 
 def _check_offload(ds: dict, source) -> None:
@@ -435,7 +417,7 @@ def _check_offload(ds: dict, source) -> None:
                          "or remove offload_optimizer")
 
 
-def _check_batch(raw: dict, cfg, mismatches: list[str], recipe: dict, world_size: int, source) -> None:
+def _check_batch(raw: dict, cfg, mismatches: list[str], recipe: Recipe, world_size: int, source) -> None:
     explicit = {k: raw.get(k) for k in _BATCH_KEYS}
     if all(isinstance(v, int) and not isinstance(v, bool) for v in explicit.values()):
         tbs, micro, accum = explicit.values()
@@ -451,7 +433,7 @@ def _check_batch(raw: dict, cfg, mismatches: list[str], recipe: dict, world_size
     except AssertionError as err:
         raise UsageError(f"DeepSpeed rejects the batch sizes: {_one_line(err)}", str(source),
                          'set ' + ", ".join(_BATCH_KEYS) + ' to "auto"') from None
-    micro, accum = recipe["train"]["micro_batch"], recipe["train"]["grad_accum"]
+    micro, accum = recipe.train.micro_batch, recipe.train.grad_accum
     derived = [(key, getattr(cfg, key), want, field) for key, want, field in (
         ("train_micro_batch_size_per_gpu", micro, "train.micro_batch"),
         ("gradient_accumulation_steps", accum, "train.grad_accum"),
@@ -475,9 +457,8 @@ def _check_unfilled_autos(filled: dict, recipe_keys: list[str], source) -> None:
     fillable = set(recipe_keys) | set(MODEL_AUTO_KEYS)
     for dotted in _auto_keys(filled):
         if dotted not in fillable:
-            close = difflib.get_close_matches(dotted, sorted(fillable), n=1, cutoff=0.8)
-            fix = (f"did you mean '{close[0]}'?" if close else
-                   'give a value; "auto" works only where HF Trainer fills it: ' + ", ".join(sorted(fillable)))
+            fix = did_you_mean(dotted, fillable, 'give a value; "auto" works only where HF Trainer fills it: '
+                               + ", ".join(sorted(fillable)), cutoff=0.8)
             raise UsageError(f'"auto" at {dotted} is filled by nothing (DeepSpeed would drop it or choke on it)',
                              str(source), fix)
 
@@ -487,7 +468,7 @@ def _enabled(ds: dict, key: str) -> bool:
     return isinstance(block, dict) and block.get("enabled") is True
 
 
-def validate_ds_config(ds: dict, recipe: dict, *, world_size: int, source="deepspeed.config") -> dict:
+def validate_ds_config(ds: dict, recipe: Recipe, *, world_size: int, source="deepspeed.config") -> dict:
     """Check a DeepSpeed JSON with DeepSpeed's own parser and against the recipe; returns it recipe-filled.
 
     Raises UsageError for: keys DeepSpeed removed, fp16 and bf16 both on, keys DeepSpeed rejects (pydantic
@@ -513,33 +494,6 @@ def validate_ds_config(ds: dict, recipe: dict, *, world_size: int, source="deeps
     return filled
 
 
-def unwritable_reason(path) -> str | None:
-    """Why this user cannot write (or create) directory `path`; None when it can. Creates nothing."""
-    target = Path(path).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        return f"{target} exists and is not a directory"
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, so {target} cannot be created"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable (permissions or a read-only file system)"
-    return None
-
-
-def free_bytes(path) -> int:
-    """Free space on the file system that holds `path` (or would, once created)."""
-    existing = Path(path).expanduser().absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return shutil.disk_usage(existing if existing.is_dir() else existing.parent).free
-
-
-def nvme_path_for(recipe: dict) -> str:
-    return recipe["deepspeed"]["nvme_path"] or os.path.join(recipe["output_dir"], "nvme")
-
-
 def uses_nvme(ds: dict) -> bool:
     return "nvme" in (offload_device(ds, "optimizer"), offload_device(ds, "param"))
 
@@ -550,87 +504,3 @@ def nvme_bytes_needed(ds: dict, params: int, precision: str) -> int:
     per_param = 16 if offload_device(ds, "optimizer") == "nvme" else 0
     per_param += (4 if precision == "fp32" else 2) if offload_device(ds, "param") == "nvme" else 0
     return params * per_param
-
-
-def _check_run_dirs(recipe: dict, ds: dict) -> None:
-    if reason := unwritable_reason(recipe["output_dir"]):
-        raise UsageError(f"output_dir cannot be written: {reason}", "output_dir",
-                         "choose a writable directory with --output-dir or output_dir=...")
-    if uses_nvme(ds) and (reason := unwritable_reason(nvme_path_for(recipe))):
-        raise UsageError(f"nvme_path cannot be written: {reason}", "deepspeed.nvme_path",
-                         "point --nvme-path at a writable directory on a local disk")
-
-
-def _check_nvme(recipe: dict, ds: dict, model_cfg) -> None:
-    if not uses_nvme(ds):
-        return
-    from .model import count_params
-    from .ops import libaio_available
-
-    params = count_params(model_cfg)
-    needed, path = nvme_bytes_needed(ds, params, recipe["train"]["precision"]), nvme_path_for(recipe)
-    free = free_bytes(path)
-    if needed > free:
-        raise UsageError(f"nvme_path {path} has {free / 2**30:.1f} GiB free; NVMe offload of this "
-                         f"{params / 1e9:.2f}B-parameter model needs about {needed / 2**30:.1f} GiB",
-                         "deepspeed.nvme_path", "point --nvme-path at a disk with enough room, or use a smaller "
-                         "model or CPU offload (zero3_offload)")
-    if not libaio_available():
-        raise UsageError("NVMe offload needs DeepSpeed's async_io op, which cannot be built here (libaio not found)",
-                         "deepspeed.config", "apt-get install -y libaio-dev, or use CPU offload (zero3_offload)")
-
-
-def _model_config(recipe: dict):
-    from .model import model_config
-    from .trainer import model_source
-
-    field = "model.config" if recipe["model"]["config"] else "model.preset"
-    try:
-        return model_config(model_source(recipe))
-    except (ValueError, OSError) as err:
-        raise UsageError(str(err).splitlines()[0], field,
-                         "use a preset name or a local causal-LM config.json") from None
-
-
-def _check_data(recipe: dict, vocab_size: int) -> None:
-    from .data import DataError
-    from .trainer import load_data
-
-    try:
-        # Progress bars and library chatter go to stdout: on failure stderr holds the one error line.
-        with contextlib.redirect_stderr(sys.stdout):
-            load_data(recipe, vocab_size)
-    except DataError as err:
-        raise UsageError(_one_line(err)) from None  # DataError already says where: file:line or the field
-    except (OSError, ValueError) as err:  # a reader's own error on a malformed file
-        raise UsageError(f"cannot read the data: {_one_line(err)}", f"data.path={recipe['data']['path']}",
-                         "check that data.path holds .jsonl/.parquet/.txt files or a saved dataset") from None
-
-
-def preflight(recipe: dict, world_size: int) -> dict:
-    """Every check that can run before a process is launched. Raises UsageError; returns the resolved config.
-
-    Cheapest first, so most mistakes fail in seconds: the DeepSpeed JSON file, precision, the JSON through
-    DeepSpeed's own parser, the directories the run will write, the model, NVMe room, then the data (tokenized
-    and cached here, so the ranks find it ready). Creates nothing: no output dir, no nvme dir; only the data
-    cache fills.
-    """
-    name = recipe["deepspeed"]["config"]
-    cfg = _model_config(recipe) if name == "auto" else None  # the planner sizes the model first
-    picked, raw = select_ds_config(recipe, cfg, world_size)
-    import torch
-
-    if recipe["train"]["precision"] == "fp16" and not torch.cuda.is_available():
-        raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
-                         "use train.precision=bf16 or fp32 on CPU")
-    validate_ds_config(raw, recipe, world_size=world_size, source=ds_config_path(picked if name == "auto" else name))
-    _check_run_dirs(recipe, raw)
-    cfg = cfg or _model_config(recipe)
-    seq_len, positions = recipe["data"]["seq_len"], getattr(cfg, "max_position_embeddings", None)
-    if positions and seq_len > positions:
-        raise UsageError(f"data.seq_len {seq_len} exceeds the model's max_position_embeddings {positions}",
-                         "data.seq_len", f"use data.seq_len <= {positions}")
-    _check_nvme(recipe, raw, cfg)
-    resolved = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=cfg.hidden_size)
-    _check_data(recipe, cfg.vocab_size)
-    return resolved

@@ -16,10 +16,10 @@ class UsageError(Exception):
         return f"error: {self.what}{where}{fix}"
 
 
-def did_you_mean(word: str, choices) -> str:
-    """' — did you mean X?' when a close spelling exists, else a list of valid choices."""
+def did_you_mean(word: str, choices, otherwise: str | None = None, cutoff: float = 0.6) -> str:
+    """"did you mean 'X'?" when a close spelling exists; else `otherwise`, or the list of valid choices."""
     choices = sorted(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=cutoff)
     if close:
         return f"did you mean '{close[0]}'?"
-    return "choose one of: " + ", ".join(choices)
+    return otherwise if otherwise is not None else "choose one of: " + ", ".join(choices)

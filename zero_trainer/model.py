@@ -22,29 +22,9 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-
-def _shape(hidden, ffn, layers, heads, kv_heads, vocab, tied, max_pos):
-    return dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied,
-                max_position_embeddings=max_pos)
-
-
-# Shapes only (ZeroLMConfig kwargs); optimisation knobs live in recipes. Sizes are unique params, tied counted once.
-PRESETS: dict[str, dict] = {
-    "debug": _shape(hidden=128, ffn=352, layers=4, heads=4, kv_heads=2, vocab=2048, tied=True, max_pos=512),  # 1.0M
-    "minimind-26m": _shape(hidden=512, ffn=1408, layers=8, heads=8, kv_heads=2, vocab=6400, tied=True, max_pos=8192),
-    "minimind-104m": _shape(hidden=768, ffn=2048, layers=16, heads=8, kv_heads=2, vocab=6400, tied=True,
-                            max_pos=8192),
-    # Llama-3.2-1B / 3B shapes with Llama-2's 32k vocabulary: 1.04B / 2.92B
-    "1b": _shape(hidden=2048, ffn=8192, layers=16, heads=32, kv_heads=8, vocab=32000, tied=True, max_pos=8192),
-    "3b": _shape(hidden=3072, ffn=8192, layers=28, heads=24, kv_heads=8, vocab=32000, tied=True, max_pos=8192),
-    # Llama-2 shapes: 6.74B / 13.0B / 68.98B
-    "7b": _shape(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000, tied=False, max_pos=4096),
-    "13b": _shape(hidden=5120, ffn=13824, layers=40, heads=40, kv_heads=40, vocab=32000, tied=False, max_pos=4096),
-    "70b": _shape(hidden=8192, ffn=28672, layers=80, heads=64, kv_heads=8, vocab=32000, tied=False, max_pos=4096),
-}
+from .presets import PRESETS
 
 
 class ZeroLMConfig(PretrainedConfig):
@@ -234,15 +214,29 @@ def model_config(preset_or_config, **overrides) -> PretrainedConfig:
         src = AutoConfig.from_pretrained(src, trust_remote_code=False, local_files_only=True)
     elif not isinstance(src, PretrainedConfig):
         raise TypeError(f"expected a preset name, dict, config or path, got {type(src).__name__}")
-    if type(src) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(f"model_type '{src.model_type}' is not a causal LM in transformers' "
-                         "MODEL_FOR_CAUSAL_LM_MAPPING")
+    check_causal_decoder(src)
     cfg = copy.deepcopy(src)
     for key, value in overrides.items():
         if not hasattr(cfg, key):
             raise ValueError(f"{type(cfg).__name__} has no field '{key}'")
         setattr(cfg, key, value)
     return cfg
+
+
+def check_causal_decoder(cfg: PretrainedConfig) -> None:
+    """Refuse a config AutoModelForCausalLM would build as something other than a causal decoder.
+
+    Encoders (BERT, RoBERTa, ...) are in MODEL_FOR_CAUSAL_LM_MAPPING too, but their "causal LM" attends to future
+    tokens unless the config says is_decoder; encoder-decoders train only their decoder half there.
+    """
+    kind = cfg.model_type
+    if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"model_type '{kind}' is not a causal LM in transformers' MODEL_FOR_CAUSAL_LM_MAPPING")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"model_type '{kind}' is an encoder-decoder config, not a causal decoder LM")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(cfg, "is_decoder", False):
+        raise ValueError(f"model_type '{kind}' is an encoder (bidirectional attention: its LM head would see future "
+                         "tokens) unless its config sets \"is_decoder\": true")
 
 
 def build_model(preset_or_config, **overrides) -> nn.Module:
@@ -255,8 +249,12 @@ def build_model(preset_or_config, **overrides) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
 
 
-def count_params(preset_or_config, **overrides) -> int:
-    """Unique parameters (tied embeddings counted once), from a meta-device build."""
+def param_sizes(preset_or_config, **overrides) -> list[int]:
+    """Elements of every unique parameter (tied embeddings once), from a meta-device build: allocates nothing."""
     with torch.device("meta"):
         model = build_model(preset_or_config, **overrides)
-    return sum(p.numel() for p in model.parameters())
+    return [p.numel() for p in model.parameters()]
+
+
+def count_params(preset_or_config, **overrides) -> int:
+    return sum(param_sizes(preset_or_config, **overrides))

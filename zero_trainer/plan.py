@@ -67,29 +67,30 @@ avoiding recomputation comes first there. NVMe rungs only when NVMe space is giv
 names the candidate that needs the least extra memory, and how much of which.
 """
 
-import ast
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from .ds_config import DS_CONFIG_DIR, load_ds_config, offload_device, resolve_auto_values, zero_stage
 from .errors import UsageError, did_you_mean
+from .hardware import GiB, Hardware, free_bytes, local_gpus, local_world_size, physical_memory_bytes
+from .presets import PRESETS
+from .recipe import PRECISIONS, Recipe
 
-GiB = 2**30
 # zero3_offload_optimizer (optimizer on CPU, parameters on the device) sits between zero3 and zero3_offload when
 # its JSON exists; the ladder is read in this order from ds_configs/.
 LADDER = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload_optimizer", "zero3_offload",
           "zero3_nvme")
 SAFETY_MARGIN = 0.10
 DEFAULT_SEQ_LEN = 2048
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 # Measured by bench/plan_calibration.py on this machine (see bench/results/plan_calibration.json, "overhead"):
 HOST_PROCESS_BYTES = 452 * 2**20  # RSS of a rank after importing torch + deepspeed and init_distributed
 # What a run adds above that whatever the model (data, engine, allocator), measured with a 4k-parameter model:
-# 59-60 MiB at stage 0, 101-105 MiB with the ZeRO optimizer (stages 1-3, offload included), world size 1 and 2.
-RUNTIME_BYTES = {0: 60 * 2**20, 1: 103 * 2**20, 2: 103 * 2**20, 3: 103 * 2**20}
+# 59-60 MiB at stage 0, 101-105 MiB with the ZeRO optimizer (stages 1-3, offload included), world size 1 and 2, on
+# the install of 2026-11-27; 41 / 84 MiB on a fresh install of the same pins on 2026-11-28 (the committed code of
+# that day measured the same, so the environment moved, not the trainer). The midpoint keeps both within ±15%.
+RUNTIME_BYTES = {0: 50 * 2**20, 1: 93 * 2**20, 2: 93 * 2**20, 3: 93 * 2**20}
 # Not measurable without a GPU: CUDA context, cuBLAS/NCCL workspaces, caching-allocator slack. Assumed.
 DEVICE_RUNTIME_BYTES = 1 * GiB
 LOGIT_BYTES = 12  # peak bytes per logit of the loss head (measured, bf16 and fp32)
@@ -130,42 +131,15 @@ def _llama_shape(name: str, c: dict) -> ModelShape:
                       largest_param=max(V * h, h * f, h * H * hd), layer_params=layer, norm_params=(2 * L + 1) * h)
 
 
-MODEL_PY = Path(__file__).with_name("model.py")
-
-
-def preset_shapes() -> dict[str, dict]:
-    """model.PRESETS, read from model.py's source: importing it pulls in torch and transformers (seconds).
-
-    Only the `_shape` helper and the PRESETS literal are executed; a test checks the result equals model.PRESETS.
-    """
-    try:
-        tree = ast.parse(MODEL_PY.read_text())
-        def wanted(node) -> bool:
-            if isinstance(node, ast.FunctionDef):
-                return node.name == "_shape"
-            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-            return any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets)
-
-        keep = [node for node in tree.body if wanted(node)]
-        namespace: dict = {}
-        exec(compile(ast.Module(body=keep, type_ignores=[]), str(MODEL_PY), "exec"), namespace)
-        return dict(namespace["PRESETS"])
-    except Exception:  # model.py changed shape: fall back to the slow, certain way
-        from .model import PRESETS
-
-        return dict(PRESETS)
-
-
 def model_shape(model, where: str = "--model") -> ModelShape:
     """A preset name, a local config.json (file or dir), or a transformers config. Raises UsageError."""
     if isinstance(model, ModelShape):
         return model
-    presets = preset_shapes()
-    if isinstance(model, str) and model in presets:
-        return _llama_shape(model, presets[model])
+    if isinstance(model, str) and model in PRESETS:
+        return _llama_shape(model, PRESETS[model])
     if isinstance(model, str) and not os.path.exists(model):
         raise UsageError(f"unknown model preset '{model}'", where,
-                         did_you_mean(model, presets) + " (or give a local config.json)")
+                         did_you_mean(model, PRESETS) + " (or give a local config.json)")
     cfg = model
     if not hasattr(cfg, "to_dict"):
         from .model import model_config
@@ -174,7 +148,7 @@ def model_shape(model, where: str = "--model") -> ModelShape:
             cfg = model_config(model)
         except (ValueError, OSError, TypeError) as err:
             raise UsageError(f"'{model}' is not a usable causal-LM config: {str(err).splitlines()[0]}", where,
-                             "give a preset name or a local config.json of a causal LM") from None
+                             "give a preset name or a local config.json of a causal decoder LM") from None
     return shape_from_config(cfg, name=str(model) if isinstance(model, str) else "")
 
 
@@ -201,31 +175,6 @@ def shape_from_config(cfg, name: str = "") -> ModelShape:
 
 
 @dataclass(frozen=True)
-class Hardware:
-    nodes: int
-    gpus_per_node: int  # ranks per node
-    gpu_mem: int | None  # bytes per device; None: no accelerator, the ranks share the CPU's RAM
-    cpu_mem: int  # bytes per node
-    nvme: int = 0  # bytes per node
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def cpu_only(self) -> bool:
-        return self.gpu_mem is None
-
-    def describe(self) -> str:
-        nvme = f", {self.nvme / GiB:.0f} GiB NVMe" if self.nvme else ", no NVMe"
-        if self.cpu_only:
-            return (f"{self.nodes} node(s) × {self.gpus_per_node} CPU rank(s) sharing {self.cpu_mem / GiB:.1f} GiB RAM "
-                    f"(no GPU){nvme} per node")
-        return (f"{self.nodes} node(s) × {self.gpus_per_node} GPU(s) of {self.gpu_mem / GiB:.1f} GiB, "
-                f"{self.cpu_mem / GiB:.1f} GiB CPU{nvme} per node")
-
-
-@dataclass(frozen=True)
 class Workload:
     seq_len: int
     micro_batch: int
@@ -234,63 +183,6 @@ class Workload:
     @property
     def weight_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
-
-
-def physical_memory_bytes() -> int:
-    """This machine's RAM, or the cgroup's limit when a container has one below it."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            return int(text)
-    return total
-
-
-def _accelerator_visible() -> bool:
-    """Cheap test before importing torch (a second): without a driver node there is no GPU to ask about."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/proc/driver/nvidia"))
-
-
-def local_gpus() -> tuple[int, int]:
-    """(count, bytes of the smallest) of this machine's GPUs via torch; (0, 0) without any."""
-    if not _accelerator_visible():
-        return 0, 0
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0, 0
-    count = torch.cuda.device_count()
-    return count, min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
-
-
-def detect_hardware(nodes: int = 1, gpus_per_node: int | None = None, gpu_mem: float | None = None,
-                    cpu_mem: float | None = None, nvme: float = 0) -> Hardware:
-    """Hardware from flags (memory in GiB); what is not given comes from this machine."""
-    for value, flag, allow_zero in ((nodes, "--nodes", False), (gpus_per_node, "--gpus-per-node", False),
-                                    (gpu_mem, "--gpu-mem", False), (cpu_mem, "--cpu-mem", False),
-                                    (nvme, "--nvme", True)):
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                or value < 0 or (value == 0 and not allow_zero):
-            unit = "a whole number >= 1" if flag in ("--nodes", "--gpus-per-node") else \
-                "a size in GiB >= 0 (0: none)" if allow_zero else "a size in GiB > 0"
-            raise UsageError(f"{flag} {value} is invalid", flag, f"use {unit}")
-    count, device_bytes = (0, 0) if gpu_mem is not None else local_gpus()
-    if gpu_mem is not None:
-        device = int(gpu_mem * GiB)
-        ranks = gpus_per_node or count or 1
-    elif count:
-        device, ranks = device_bytes, gpus_per_node or count
-    else:
-        device, ranks = None, gpus_per_node or 1
-    cpu = int(cpu_mem * GiB) if cpu_mem is not None else physical_memory_bytes()
-    return Hardware(nodes=nodes, gpus_per_node=ranks, gpu_mem=device, cpu_mem=cpu, nvme=int(nvme * GiB))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,11 +204,8 @@ class Rung:
 
 def ladder_rungs(shape: ModelShape, workload: Workload, world_size: int) -> list[Rung]:
     """Every ladder rung that has a JSON in ds_configs/, with "auto" bucket sizes filled for this model."""
-    from .ds_config import DS_CONFIG_DIR, load_ds_config, offload_device, resolve_auto_values, zero_stage
-    from .recipe import DEFAULTS
-
-    recipe = json.loads(json.dumps(DEFAULTS))
-    recipe["train"].update(micro_batch=workload.micro_batch, precision=workload.precision)
+    recipe = Recipe()
+    recipe.train.micro_batch, recipe.train.precision = workload.micro_batch, workload.precision
     rungs = []
     for name in LADDER:
         if not (DS_CONFIG_DIR / f"{name}.json").is_file():
@@ -628,35 +517,31 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
 # deepspeed.config: auto
 
 
-def recipe_hardware(recipe: dict, world_size: int) -> Hardware:
+def recipe_hardware(recipe: Recipe, world_size: int) -> Hardware:
     """The hardware a recipe trains on here: this node's GPUs (or CPU), its RAM, free disk at nvme_path if set."""
     count, device = local_gpus()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
-    per_node = local or (min(world_size, count) if count else world_size)
+    per_node = local_world_size() or (min(world_size, count) if count else world_size)
     nvme = 0
-    if recipe["deepspeed"]["nvme_path"]:
-        from .ds_config import free_bytes
-
+    if recipe.deepspeed.nvme_path:
         # whole GiB: every rank must reach the same answer, and free space moves as ranks start writing
-        nvme = free_bytes(recipe["deepspeed"]["nvme_path"]) // GiB * GiB
+        nvme = free_bytes(recipe.deepspeed.nvme_path) // GiB * GiB
     return Hardware(nodes=max(1, math.ceil(world_size / per_node)), gpus_per_node=per_node,
                     gpu_mem=device if count else None, cpu_mem=physical_memory_bytes(), nvme=nvme)
 
 
-def plan_recipe(recipe: dict, model_cfg=None, world_size: int = 1) -> Plan:
+def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1) -> Plan:
     """The plan for a recipe on the detected hardware: `.chosen.name` and `.activation_checkpointing`.
 
     A recipe with train.activation_checkpointing: true checkpoints anyway, so only those candidates are eligible.
     With false, the plan may still need it (`.activation_checkpointing` is then True): the trainer should turn it
     on for `deepspeed.config: auto`. Raises UsageError when no rung fits.
     """
-    train, data, model = recipe["train"], recipe["data"], recipe["model"]
-    field_name = "model.config" if model["config"] else "model.preset"
-    source = model["config"] or model["preset"]
+    train, data = recipe.train, recipe.data
+    field_name, source = recipe.model_field, recipe.model_source
     if model_cfg is not None:  # already built by the caller: name it after the recipe's preset or path
         source = shape_from_config(model_cfg, name=str(source)) if hasattr(model_cfg, "to_dict") else model_cfg
-    plan = plan_model(source, recipe_hardware(recipe, world_size), data["seq_len"], train["micro_batch"],
-                      train["precision"], checkpointing=train["activation_checkpointing"] or None,
+    plan = plan_model(source, recipe_hardware(recipe, world_size), data.seq_len, train.micro_batch,
+                      train.precision, checkpointing=train.activation_checkpointing or None,
                       where={"model": field_name, "seq_len": "data.seq_len", "micro_batch": "train.micro_batch",
                              "precision": "train.precision"})
     if plan.chosen is None:
@@ -664,101 +549,3 @@ def plan_recipe(recipe: dict, model_cfg=None, world_size: int = 1) -> Plan:
                          f"{plan.reason}; or lower data.seq_len / train.micro_batch (`zero-trainer plan` shows all)")
     return plan
 
-
-def plan_for_recipe(recipe: dict, model_cfg, world_size: int) -> str:
-    """The ds_configs name `deepspeed.config: auto` resolves to. Deterministic: every rank gets the same answer."""
-    return plan_recipe(recipe, model_cfg, world_size).chosen.name
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the command
-
-
-def add_subcommand(sub) -> None:
-    p = sub.add_parser("plan", help="predict memory on every ZeRO rung and pick the one that fits",
-                       description="Predict per-rank memory on every rung of the ZeRO ladder and pick the lightest "
-                                   "that fits. Hardware not given is this machine's.")
-    p.add_argument("--model", required=True, help="a preset name (debug, 1b, 7b, 70b, ...) or a local config.json")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: this machine's; 1 on CPU)")
-    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory per GPU (default: this machine's GPU; "
-                   "none on a CPU-only machine, where ranks share the RAM)")
-    p.add_argument("--cpu-mem", type=float, metavar="GiB", help="CPU memory per node (default: this machine's)")
-    p.add_argument("--nvme", type=float, default=0, metavar="GiB", help="NVMe space per node (default 0: none)")
-    p.add_argument("--seq-len", type=int, help=f"tokens per sample (default {DEFAULT_SEQ_LEN} or the model's max)")
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per rank per step (default 1)")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision (default bf16)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw the candidates as stacked bars")
-    p.set_defaults(func=cmd_plan)
-
-
-def cmd_plan(args) -> int:
-    hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
-    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision)
-    if args.plot:
-        plot_plan(plan, args.plot)
-    if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
-    else:
-        print(format_table(plan))
-    if plan.chosen is None:
-        what = f"no ZeRO rung fits {plan.model.name} on {hw.describe()}"
-        flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
-        raise UsageError(what, flag, plan.reason)
-    return 0
-
-
-def format_table(plan: Plan) -> str:
-    hw, wl, m = plan.hardware, plan.workload, plan.model
-    gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
-    lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
-             f"{wl.precision}",
-             f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
-             "GiB per rank" + (" (device = its share of the RAM, offload included)" if hw.cpu_only else
-                               " on the device") + "; CPU and NVMe per node",
-             f"{'rung':24} {'AC':3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
-             f"{'device':>7} {'CPU':>7} {'NVMe':>7}  fits"]
-    for c in plan.candidates:
-        d = c.device
-        mark = "*" if c is plan.chosen else " "
-        lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {gib(d['params'])} "
-                     f"{gib(d['grads'])} {gib(d['optimizer'])} {gib(d['activations'])} {gib(d['buffers'])} "
-                     f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
-                     f"{'yes' if c.fits else 'no: ' + c.why}")
-    lines.append(f"chosen: {plan.reason}" if plan.chosen else f"nothing fits: {plan.reason}")
-    return "\n".join(lines + plan.notes)
-
-
-def plot_plan(plan: Plan, path: str) -> None:
-    """Stacked bars of each candidate's per-rank device bytes against the device limit (and the usable part)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hw, cands = plan.hardware, plan.candidates
-    parts = ("params", "grads", "optimizer", "activations", "buffers")
-    labels = [c.name + (" +AC" if c.activation_checkpointing else "") for c in cands]
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(cands)), 5))
-    bottom = [0.0] * len(cands)
-    for part in parts:
-        values = [c.device[part] / GiB for c in cands]
-        ax.bar(labels, values, bottom=bottom, label=part)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    limit = (hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem) / GiB
-    ax.axhline(limit, color="black", lw=1.5, label=f"{'RAM share' if hw.cpu_only else 'device'} {limit:.1f} GiB")
-    ax.axhline(limit * (1 - SAFETY_MARGIN), color="black", ls="--", lw=1, label=f"usable ({1 - SAFETY_MARGIN:.0%})")
-    for i, c in enumerate(cands):
-        if c is plan.chosen:
-            ax.annotate("chosen", (i, bottom[i]), ha="center", va="bottom", fontsize=8, color="green")
-        elif not c.fits:
-            ax.annotate("×", (i, bottom[i]), ha="center", va="bottom", color="red")
-    ax.set_ylim(0, max(limit * 1.3, min(max(bottom), limit * 4)) * 1.05)
-    ax.set_ylabel("GiB per rank")
-    ax.set_title(f"{plan.model.name} on {hw.describe()}", fontsize=9)
-    ax.tick_params(axis="x", rotation=60, labelsize=8)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

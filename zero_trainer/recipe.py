@@ -1,64 +1,154 @@
 """Recipes: YAML files of knobs, merged over defaults, with `KEY=VALUE` overrides by dotted path.
 
-A recipe is data. This module loads it, applies overrides, and checks every field's type and range so that
-a typo fails in the launcher process with one line, not minutes later inside a rank.
+A recipe is data; `Recipe` is its type. The dataclasses below are the one list of fields, defaults and rules: a
+field absent from them is a typo (in a YAML file, an override, or the code), and every value is checked so that
+a mistake fails in the launcher process with one line, not minutes later inside a rank. The values derived from
+a recipe (NVMe swap path, data cache, model source) are its properties, computed here only.
 """
 
-import copy
+import dataclasses
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .errors import UsageError, did_you_mean
+from .shipped import RECIPE_DIR
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPE_DIR = REPO_ROOT / "recipes"
+PRECISIONS = ("bf16", "fp16", "fp32")  # the one list: recipes, `plan --precision` and the planner read it
 
-# Every field a recipe may set, with its default. A field absent here is a typo.
-DEFAULTS = {
-    "model": {
-        "preset": None,  # a preset name from zero_trainer.model.PRESETS ...
-        "config": None,  # ... or a local HF config.json (or its dir) instead
-    },
-    "data": {
-        "path": None,  # None: the Python standard library's sources (no download)
-        "tokenizer": None,  # None: a byte-level BPE trained on the corpus, cached
-        "seq_len": 256,
-        "eval_fraction": 0.05,
-        "max_documents": None,
-        "cache_dir": None,  # None: $ZERO_TRAINER_CACHE or ~/.cache/zero_trainer
-    },
-    "train": {
-        "max_steps": 100,
-        "micro_batch": 8,
-        "grad_accum": 1,
-        "lr": 1.0e-3,
-        "warmup_steps": 10,
-        "weight_decay": 0.1,
-        "betas": [0.9, 0.95],
-        "eps": 1.0e-8,
-        "grad_clip": 1.0,
-        "precision": "bf16",
-        "activation_checkpointing": False,
-        "seed": 1234,
-        "log_every": 1,
-        "eval_every": 50,
-        "eval_batches": 4,
-        "sample_tokens": 24,
-        "save_every": 0,
-        "keep_last": 2,
-        "stop_at_step": None,  # checkpoint and stop here without finishing the schedule (time-boxed jobs)
-    },
-    "deepspeed": {
-        "config": "zero2",  # a ds_configs/ name, a path to a JSON file, or "auto" (the planner picks)
-        "nvme_path": None,  # None: OUTPUT_DIR/nvme
-    },
-    "output_dir": "runs/debug",
+# rules: (types, check, hint); checks return True when the value is fine.
+_pos_int = ((int,), lambda v: v >= 1, "a whole number >= 1")
+_nonneg_int = ((int,), lambda v: v >= 0, "a whole number >= 0")
+_pos_float = ((int, float), lambda v: v > 0, "a number > 0")
+_nonneg_float = ((int, float), lambda v: v >= 0, "a number >= 0")
+_opt_str = ((str, type(None)), lambda v: v is None or v.strip() != "", "a non-empty string or null")
+_str = ((str,), lambda v: v.strip() != "", "a non-empty string")
+_bool = ((bool,), lambda v: True, "true or false")
+_opt_pos_int = ((int, type(None)), lambda v: v is None or v >= 1, "a whole number >= 1 or null")
+
+
+def _f(default, rule, doc: str = ""):
+    """A recipe field: its default, its rule, and what it means (shown nowhere but here)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"rule": rule, "doc": doc})
+    return field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = _f(None, _opt_str, "a preset name from zero_trainer/presets.py ...")
+    config: str | None = _f(None, _opt_str, "... or a local HF config.json (or its dir) instead")
+
+
+@dataclass
+class DataSection:
+    path: str | None = _f(None, _opt_str, "None: the Python standard library's sources (no download)")
+    tokenizer: str | None = _f(None, _opt_str, "None: a byte-level BPE trained on the corpus, cached")
+    seq_len: int = _f(256, _pos_int)
+    eval_fraction: float = _f(0.05, ((int, float), lambda v: 0 < v < 1, "a fraction between 0 and 1 (exclusive)"))
+    max_documents: int | None = _f(None, _opt_pos_int)
+    cache_dir: str | None = _f(None, _opt_str, "None: $ZERO_TRAINER_CACHE or ~/.cache/zero_trainer")
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = _f(100, _pos_int)
+    micro_batch: int = _f(8, _pos_int)
+    grad_accum: int = _f(1, _pos_int)
+    lr: float = _f(1.0e-3, _pos_float)
+    warmup_steps: int = _f(10, _nonneg_int)
+    weight_decay: float = _f(0.1, _nonneg_float)
+    betas: list = _f([0.9, 0.95], ((list,), lambda v: len(v) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.95]"))
+    eps: float = _f(1.0e-8, _pos_float)
+    grad_clip: float = _f(1.0, _nonneg_float)
+    precision: str = _f("bf16", ((str,), lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)))
+    activation_checkpointing: bool = _f(False, _bool)
+    seed: int = _f(1234, _nonneg_int)
+    log_every: int = _f(1, _pos_int)
+    eval_every: int = _f(50, _nonneg_int)
+    eval_batches: int = _f(4, _pos_int)
+    sample_tokens: int = _f(24, _nonneg_int)
+    save_every: int = _f(0, _nonneg_int)
+    keep_last: int = _f(2, _pos_int)
+    stop_at_step: int | None = _f(None, _opt_pos_int, "checkpoint and stop here without finishing the schedule")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = _f("zero2", ((str,), lambda v: v.strip() != "", "a ds_configs name, a JSON path, or auto"),
+                     "a ds_configs/ name, a path to a JSON file, or auto (the planner picks)")
+    nvme_path: str | None = _f(None, _opt_str, "None: OUTPUT_DIR/nvme")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    output_dir: str = _f("runs/debug", ((str,), lambda v: v.strip() != "", "a directory path"))
+    path: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from
+
+    # --- derived values -------------------------------------------------------------------------------------
+
+    @property
+    def model_source(self) -> str:
+        """The preset name or config.json path the recipe names."""
+        return self.model.config or self.model.preset
+
+    @property
+    def model_field(self) -> str:
+        return "model.config" if self.model.config else "model.preset"
+
+    @property
+    def nvme_path(self) -> str:
+        """Where ZeRO-Infinity swaps: deepspeed.nvme_path, or OUTPUT_DIR/nvme."""
+        return nvme_path_for(self.output_dir, self.deepspeed.nvme_path)
+
+    @property
+    def cache_dir(self) -> str:
+        """Tokenizer and token-stream cache: data.cache_dir, $ZERO_TRAINER_CACHE, or ~/.cache/zero_trainer."""
+        return (self.data.cache_dir or os.environ.get("ZERO_TRAINER_CACHE")
+                or os.path.join(os.path.expanduser("~"), ".cache", "zero_trainer"))
+
+    def to_dict(self) -> dict:
+        """Plain data for summary.json and checkpoints (the YAML file as `recipe_path`)."""
+        d = dataclasses.asdict(self)
+        d["recipe_path"] = d.pop("path")
+        return d
+
+    def replace(self, **sections) -> "Recipe":
+        """A copy with whole fields or sections changed, e.g. r.replace(train={"micro_batch": 4})."""
+        new = Recipe(**{f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        for name, value in sections.items():
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    setattr(getattr(new, name), key, sub)
+            else:
+                setattr(new, name, value)
+        return new
+
+
+def _copy(value):
+    return dataclasses.replace(value) if dataclasses.is_dataclass(value) else value
+
+
+def nvme_path_for(output_dir: str, nvme_path: str | None = None) -> str:
+    """The one place the NVMe default is made: OUTPUT_DIR/nvme unless a path is given."""
+    return nvme_path or os.path.join(output_dir, "nvme")
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)
+            if f.default_factory is not dataclasses.MISSING}
+FIELDS = {
+    **{f"{name}.{f.name}": f for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)},
+    **{f.name: f for f in dataclasses.fields(Recipe) if f.name not in SECTIONS and not f.metadata.get("internal")},
 }
-
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -78,47 +168,6 @@ RecipeLoader.add_implicit_resolver(
 def read_yaml(text: str):
     return yaml.load(text, Loader=RecipeLoader)
 
-# field -> (types, check, hint). Checks return True when the value is fine.
-_pos_int = ((int,), lambda v: v >= 1, "a whole number >= 1")
-_nonneg_int = ((int,), lambda v: v >= 0, "a whole number >= 0")
-_pos_float = ((int, float), lambda v: v > 0, "a number > 0")
-_nonneg_float = ((int, float), lambda v: v >= 0, "a number >= 0")
-_opt_str = ((str, type(None)), lambda v: v is None or v.strip() != "", "a non-empty string or null")
-_bool = ((bool,), lambda v: True, "true or false")
-FIELD_RULES = {
-    "model.preset": _opt_str,
-    "model.config": _opt_str,
-    "data.path": _opt_str,
-    "data.tokenizer": _opt_str,
-    "data.seq_len": _pos_int,
-    "data.eval_fraction": ((int, float), lambda v: 0 < v < 1, "a fraction between 0 and 1 (exclusive)"),
-    "data.max_documents": ((int, type(None)), lambda v: v is None or v >= 1, "a whole number >= 1 or null"),
-    "data.cache_dir": _opt_str,
-    "train.max_steps": _pos_int,
-    "train.micro_batch": _pos_int,
-    "train.grad_accum": _pos_int,
-    "train.lr": _pos_float,
-    "train.warmup_steps": _nonneg_int,
-    "train.weight_decay": _nonneg_float,
-    "train.betas": ((list,), lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
-                    "two numbers in [0, 1), e.g. [0.9, 0.95]"),
-    "train.eps": _pos_float,
-    "train.grad_clip": _nonneg_float,
-    "train.precision": ((str,), lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
-    "train.activation_checkpointing": _bool,
-    "train.seed": _nonneg_int,
-    "train.log_every": _pos_int,
-    "train.eval_every": _nonneg_int,
-    "train.eval_batches": _pos_int,
-    "train.sample_tokens": _nonneg_int,
-    "train.save_every": _nonneg_int,
-    "train.keep_last": _pos_int,
-    "train.stop_at_step": ((int, type(None)), lambda v: v is None or v >= 1, "a whole number >= 1 or null"),
-    "deepspeed.config": ((str,), lambda v: v.strip() != "", "a ds_configs name, a JSON path, or auto"),
-    "deepspeed.nvme_path": _opt_str,
-    "output_dir": ((str,), lambda v: v.strip() != "", "a directory path"),
-}
-
 
 def _leaves(tree: dict, prefix: str = ""):
     for key, value in tree.items():
@@ -131,32 +180,28 @@ def _leaves(tree: dict, prefix: str = ""):
             yield path, value
 
 
-SECTIONS = {key for key, value in DEFAULTS.items() if isinstance(value, dict)}
-ALL_FIELDS = {path for path, _ in _leaves(DEFAULTS)}
-
-
-def set_field(recipe: dict, dotted: str, value, where: str) -> None:
-    if dotted not in ALL_FIELDS:
+def set_field(recipe: Recipe, dotted: str, value, where: str) -> None:
+    """Set one field by dotted name (`train.max_steps`); an unknown name is one line with a did-you-mean."""
+    if dotted not in FIELDS:
         section = dotted.split(".")[0]
-        top_level = SECTIONS | {f for f in ALL_FIELDS if "." not in f}
+        top_level = set(SECTIONS) | {f for f in FIELDS if "." not in f}
         if dotted in SECTIONS:
+            first = dataclasses.fields(SECTIONS[dotted])[0].name
             raise UsageError(f"recipe section '{dotted}' must be a mapping of fields, got {value!r}", where,
-                             f"write fields under it, e.g. {dotted}.{next(iter(DEFAULTS[dotted]))}")
+                             f"write fields under it, e.g. {dotted}.{first}")
         if section not in top_level:
             kind = "section" if "." in dotted else "key"
             raise UsageError(f"unknown recipe {kind} '{section}'", where, did_you_mean(section, top_level))
-        raise UsageError(f"unknown recipe field '{dotted}'", where, did_you_mean(dotted, ALL_FIELDS))
-    node = recipe
+        raise UsageError(f"unknown recipe field '{dotted}'", where, did_you_mean(dotted, FIELDS))
     *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+    node = getattr(recipe, parents[0]) if parents else recipe
+    setattr(node, leaf, value)
 
 
-def get_field(recipe: dict, dotted: str):
+def get_field(recipe: Recipe, dotted: str):
     node = recipe
     for part in dotted.split("."):
-        node = node[part]
+        node = getattr(node, part)
     return node
 
 
@@ -174,11 +219,11 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def resolve_recipe_path(path: str) -> Path:
-    """A path as given, or a bare name from recipes/ (`debug` -> recipes/debug.yaml)."""
+    """A path as given, or the name of a shipped recipe from any directory (`debug` or `debug.yaml`)."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    named = RECIPE_DIR / f"{path}.yaml"
+    named = RECIPE_DIR / (path if path.endswith((".yaml", ".yml")) else f"{path}.yaml")
     if os.sep not in path and named.is_file():
         return named
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
@@ -186,8 +231,8 @@ def resolve_recipe_path(path: str) -> Path:
                      "give a path to a YAML file or one of: " + ", ".join(names))
 
 
-def load_recipe(path: str, overrides: list[str] = ()) -> dict:
-    """Defaults <- YAML file <- KEY=VALUE overrides, then validated. Returns a plain nested dict."""
+def load_recipe(path: str, overrides: list[str] = (), flags: dict | None = None) -> Recipe:
+    """Defaults <- YAML file <- KEY=VALUE overrides <- command-line flags ({dotted: (value, flag)}), validated."""
     file = resolve_recipe_path(path)
     try:
         loaded = read_yaml(file.read_text()) or {}
@@ -198,19 +243,22 @@ def load_recipe(path: str, overrides: list[str] = ()) -> dict:
     if not isinstance(loaded, dict):
         raise UsageError("recipe must be a mapping of sections", str(file),
                          "start with sections such as 'model:', 'data:', 'train:'")
-    recipe = copy.deepcopy(DEFAULTS)
+    recipe = Recipe(path=str(file))
     for dotted, value in _leaves(loaded):
         set_field(recipe, dotted, value, str(file))
     for text in overrides:
         dotted, value = parse_override(text)
         set_field(recipe, dotted, value, f"override {text}")
+    for dotted, (value, flag) in (flags or {}).items():
+        if value is not None:
+            set_field(recipe, dotted, value, flag)
     validate_fields(recipe)
-    recipe["recipe_path"] = str(file)
     return recipe
 
 
-def validate_fields(recipe: dict) -> None:
-    for dotted, (types, check, hint) in FIELD_RULES.items():
+def validate_fields(recipe: Recipe) -> None:
+    for dotted, f in FIELDS.items():
+        types, check, hint = f.metadata["rule"]
         value = get_field(recipe, dotted)
         if isinstance(value, bool) and bool not in types:
             ok = False  # YAML's `yes` must not pass as the number 1
@@ -218,7 +266,6 @@ def validate_fields(recipe: dict) -> None:
             ok = isinstance(value, types) and check(value)
         if not ok:
             raise UsageError(f"recipe field {dotted} = {value!r} is invalid", dotted, f"use {hint}")
-    model = recipe["model"]
-    if (model["preset"] is None) == (model["config"] is None):
+    if (recipe.model.preset is None) == (recipe.model.config is None):
         raise UsageError("recipe must name exactly one of model.preset and model.config", "model",
                          "set model.preset (e.g. debug) or model.config (a local config.json), not both")

@@ -35,17 +35,13 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None):
     return args
 
 
-def recipe_from_args(args) -> dict:
+def recipe_from_args(args):
     """The recipe after file, overrides and CLI flags — identical in the launcher and in every rank."""
-    from .recipe import load_recipe, set_field
+    from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    for flag, field in (("ds_config", "deepspeed.config"), ("output_dir", "output_dir"),
-                        ("nvme_path", "deepspeed.nvme_path")):
-        value = getattr(args, flag)
-        if value is not None:
-            set_field(recipe, field, value, f"--{flag.replace('_', '-')}")
-    return recipe
+    flags = {field: (getattr(args, flag), f"--{flag.replace('_', '-')}") for flag, field in (
+        ("ds_config", "deepspeed.config"), ("output_dir", "output_dir"), ("nvme_path", "deepspeed.nvme_path"))}
+    return load_recipe(args.recipe, args.overrides, flags)
 
 
 def main(argv=None) -> int:

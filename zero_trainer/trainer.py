@@ -11,26 +11,13 @@ import numpy as np
 import torch
 
 from . import checkpoint, metrics
-from .data import BatchSampler, prepare_data
-from .ds_config import load_universal_checkpoint, resolve_auto_values, select_ds_config, zero_stage
-from .model import build_model, model_config
+from .data import BatchSampler
+from .ds_config import load_universal_checkpoint, zero_stage
+from .hardware import local_world_size
+from .model import build_model
 from .ops import clear_stale_locks, release_shm_buffer
-
-
-def model_source(recipe: dict):
-    return recipe["model"]["config"] or recipe["model"]["preset"]
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("ZERO_TRAINER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zero_trainer")
-
-
-def load_data(recipe: dict, vocab_size: int):
-    """The recipe's corpus, tokenized and packed (cached on disk; the first caller builds, others wait)."""
-    data = recipe["data"]
-    return prepare_data({k: data[k] for k in ("path", "tokenizer", "eval_fraction", "max_documents")},
-                        vocab_size=vocab_size, seq_len=data["seq_len"], seed=recipe["train"]["seed"],
-                        cache_dir=data["cache_dir"] or default_cache_dir())
+from .recipe import Recipe
+from .resolve import resolve
 
 
 def set_cpu_threads() -> None:
@@ -39,8 +26,7 @@ def set_cpu_threads() -> None:
 
     if deepspeed.get_accelerator().device_name() != "cpu":
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (local_world_size() or 1)))
 
 
 def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.Module:
@@ -72,7 +58,7 @@ def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.M
 class Run:
     """What the loop needs, built once: engine, data, sampler, the resolved settings, and where to start."""
 
-    def __init__(self, recipe: dict, resume: bool = False):
+    def __init__(self, recipe: Recipe, resume: bool = False):
         import deepspeed
         import deepspeed.comm as dist
 
@@ -80,63 +66,51 @@ class Run:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             clear_stale_locks()  # DeepSpeed JIT-builds ops at start-up; a dead build's lock would hang it
         deepspeed.init_distributed()
-        self.recipe, train = recipe, recipe["train"]
+        self.recipe, train = recipe, recipe.train
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         dist.barrier()  # every rank has mapped the others' shm all-reduce workspace: the names can go
         release_shm_buffer(self.rank)
-        self.out = Path(recipe["output_dir"])
+        self.out = Path(recipe.output_dir)
         self.rss_before_model = metrics.current_rss_bytes()
 
-        self.model_cfg = model_config(model_source(recipe))
-        resume_from = checkpoint.check_resume(recipe, self.model_cfg, resume)
+        r = resolve(recipe, self.world_size, resume)  # the same resolution the launcher checked
+        self.resolved, self.model_cfg, self.data, self.params = r, r.model_cfg, r.data, r.params
+        self.ds_name, self.ds_config, self.zero_stage = r.ds_name, r.ds_config, r.zero_stage
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.data = load_data(recipe, self.model_cfg.vocab_size)
-        self.ds_name, raw = select_ds_config(recipe, self.model_cfg, self.world_size)
-        with torch.device("meta"):
-            meta = build_model(self.model_cfg)
-        self.params = sum(p.numel() for p in meta.parameters())
-        self.ds_config = resolve_auto_values(
-            raw, recipe, world_size=self.world_size, hidden_size=self.model_cfg.hidden_size,
-            largest_param_numel=max(p.numel() for p in meta.parameters()), output_dir=str(self.out),
-            params=self.params)
-        del meta
         universal_dir = None
-        if resume_from is not None:
-            checkpoint.check_stage_change(resume_from, zero_stage(self.ds_config))
-        if resume_from is not None and checkpoint.needs_universal(
-                checkpoint.read_state(resume_from), self.world_size, zero_stage(self.ds_config)):
+        if r.universal:
             if self.rank == 0:
-                checkpoint.to_universal(resume_from)
+                checkpoint.to_universal(r.resume_from)
             dist.barrier()
-            universal_dir = resume_from.parent / "universal" / resume_from.name
+            universal_dir = r.resume_from.parent / "universal" / r.resume_from.name
             self.ds_config = load_universal_checkpoint(self.ds_config)
 
-        model = build_initialized_model(self.model_cfg, self.ds_config, train["seed"])
-        if train["activation_checkpointing"]:
+        model = build_initialized_model(self.model_cfg, self.ds_config, train.seed)
+        if r.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.device = self.engine.device
-        self.sampler = BatchSampler(len(self.data.train), train["micro_batch"], self.rank, self.world_size,
-                                    train["seed"])
-        self.tokens_per_step = train["micro_batch"] * train["grad_accum"] * self.world_size * recipe["data"]["seq_len"]
+        self.sampler = BatchSampler(len(self.data.train), train.micro_batch, self.rank, self.world_size,
+                                    train.seed)
+        self.tokens_per_step = train.micro_batch * train.grad_accum * self.world_size * recipe.data.seq_len
         # Progress: everything a resumed run needs to continue as if it never stopped.
         self.state = {"step": 0, "position": 0, "losses": [], "tokens": 0, "train_s": 0.0}
-        self.resumed_from, self.eval_loss = resume_from, None
-        if resume_from is not None:
-            saved = checkpoint.load(self.engine, resume_from, universal_dir)
+        self.resumed_from, self.eval_loss = r.resume_from, None
+        if r.resume_from is not None:
+            saved = checkpoint.load(self.engine, r.resume_from, universal_dir)
             self.state = {k: saved[k] for k in self.state}
-        self.saved_step = self.state["step"] if resume_from is not None else None
+        self.saved_step = self.state["step"] if r.resume_from is not None else None
 
     def checkpoint_state(self) -> dict:
-        return {**self.state, "world_size": self.world_size, "zero_stage": zero_stage(self.ds_config),
-                "ds_config_name": self.ds_name, "recipe": self.recipe,
+        return {**self.state, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                "ds_config_name": self.ds_name, "recipe": self.recipe.to_dict(),
                 "model_shape": checkpoint.model_shape(self.model_cfg), "model_config": self.model_cfg.to_dict(),
                 "tokenizer_dir": self.data.tokenizer_dir, "params": self.params}
 
     def save(self) -> None:
-        checkpoint.save(self.engine, self.out, self.checkpoint_state(), self.recipe["train"]["keep_last"])
+        checkpoint.save(self.engine, self.out, self.checkpoint_state(), self.recipe.train.keep_last)
         self.saved_step = self.state["step"]
 
     def next_batch(self) -> torch.Tensor:
@@ -180,7 +154,7 @@ class StopRequest:
 def train_step(run: Run) -> float:
     """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss."""
     engine, losses = run.engine, []
-    for _ in range(run.recipe["train"]["grad_accum"]):
+    for _ in range(run.recipe.train.grad_accum):
         x = run.next_batch()
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
@@ -192,15 +166,15 @@ def train_step(run: Run) -> float:
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean loss over held-out blocks; each rank reads its own blocks, every rank runs the same forwards."""
-    train, blocks = run.recipe["train"], run.data.eval
-    micro, total = train["micro_batch"], 0.0
+    train, blocks = run.recipe.train, run.data.eval
+    micro, total = train.micro_batch, 0.0
     run.engine.eval()
-    for b in range(train["eval_batches"]):
+    for b in range(train.eval_batches):
         idx = (np.arange(micro) + (b * run.world_size + run.rank) * micro) % len(blocks)
         x = run.batch(blocks, idx)
         total += run.engine(input_ids=x, labels=x).loss.float().item()
     run.engine.train()
-    return run.mean_over_ranks(total / train["eval_batches"])
+    return run.mean_over_ranks(total / train.eval_batches)
 
 
 @torch.no_grad()
@@ -210,7 +184,7 @@ def sample_text(run: Run, num_tokens: int) -> str:
     run.engine.eval()
     ids = prompt
     for _ in range(num_tokens):
-        logits = run.engine(input_ids=ids[:, -run.recipe["data"]["seq_len"]:]).logits
+        logits = run.engine(input_ids=ids[:, -run.recipe.data.seq_len:]).logits
         ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
     run.engine.train()
     tok = run.data.tokenizer
@@ -219,7 +193,7 @@ def sample_text(run: Run, num_tokens: int) -> str:
 
 def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
     """The loop: steps up to `last_step`. Returns True when a signal stopped it (after a checkpoint)."""
-    train, state = run.recipe["train"], run.state
+    train, state = run.recipe.train, run.state
     for step in range(state["step"] + 1, last_step + 1):
         lr = run.engine.get_lr()[0]
         t = time.time()
@@ -227,57 +201,58 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
         loss, step_s = loss_sum / run.world_size, time.time() - t
         state.update(step=step, tokens=state["tokens"] + run.tokens_per_step, train_s=state["train_s"] + step_s)
         state["losses"].append(loss)
-        if train["eval_every"] and step % train["eval_every"] == 0 and step < train["max_steps"]:
+        if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
             run.eval_loss = evaluate(run)
-        if log is not None and (step % train["log_every"] == 0 or step == train["max_steps"]):
+        if log is not None and (step % train.log_every == 0 or step == train.max_steps):
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
                    "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
                    "mem_bytes": metrics.device_memory_bytes(), "eval_loss": run.eval_loss, "time": time.time()}
             log.write(row)
             bar.set_postfix(metrics.bar_fields(row), refresh=False)
         bar.update(1)
-        if stops or (train["save_every"] and step % train["save_every"] == 0):
+        if stops or (train.save_every and step % train.save_every == 0):
             run.save()
         if stops:
             return True
     return False
 
 
-def run_training(recipe: dict, resume: bool = False) -> dict | None:
+def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     """Train to train.max_steps; returns the summary, or None when stopped by a signal (after a checkpoint)."""
     t0 = time.time()
     run = Run(recipe, resume)
     stop = StopRequest()
-    train, state, is_main = recipe["train"], run.state, run.rank == 0
+    train, state, is_main = recipe.train, run.state, run.rank == 0
     log = metrics.MetricsLog(run.out / "metrics.csv", resume_step=state["step"] if resume else None) \
         if is_main else None
-    bar = metrics.progress_bar(train["max_steps"], enabled=is_main, initial=state["step"])
-    stop_at = min(train["stop_at_step"] or train["max_steps"], train["max_steps"])
-    if train_until(run, stop_at, stop, log, bar) or stop_at < train["max_steps"]:
+    bar = metrics.progress_bar(train.max_steps, enabled=is_main, initial=state["step"])
+    stop_at = min(train.stop_at_step or train.max_steps, train.max_steps)
+    if train_until(run, stop_at, stop, log, bar) or stop_at < train.max_steps:
         bar.close()
         if run.saved_step != state["step"]:
             run.save()
         if is_main:
-            print(f"stopped at step {state['step']} of {train['max_steps']}: checkpoint saved in "
+            print(f"stopped at step {state['step']} of {train.max_steps}: checkpoint saved in "
                   f"{run.out / 'checkpoints'}; continue with --resume", flush=True)
         return None
     bar.close()
-    if train["save_every"] and run.saved_step != state["step"]:
+    if train.save_every and run.saved_step != state["step"]:
         run.save()  # the final step is always resumable and exportable
     eval_loss = evaluate(run)
-    sample = sample_text(run, train["sample_tokens"]) if train["sample_tokens"] else ""
+    sample = sample_text(run, train.sample_tokens) if train.sample_tokens else ""
     peak = run.max_over_ranks(metrics.peak_memory_bytes())
     losses = state["losses"]
     summary = {
         "params": run.params, "world_size": run.world_size, "ds_config_name": run.ds_name,
-        "ds_config": run.ds_config, "precision": train["precision"], "zero_stage": zero_stage(run.ds_config),
-        "model": model_source(recipe), "steps": len(losses), "tokens": state["tokens"],
+        "ds_config": run.ds_config, "precision": train.precision, "zero_stage": run.zero_stage,
+        "activation_checkpointing": run.resolved.activation_checkpointing,
+        "model": recipe.model_source, "steps": len(losses), "tokens": state["tokens"],
         "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "tokens_per_s": state["tokens"] / state["train_s"],
         "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
         "wall_s": time.time() - t0, "losses": losses, "sample": sample,
-        "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": recipe,
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": recipe.to_dict(),
     }
     if is_main:
         metrics.write_summary(run.out / "summary.json", summary)

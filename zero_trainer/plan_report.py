@@ -1,0 +1,98 @@
+"""`zero-trainer plan`: a plan shown as a table, as JSON, or as stacked bars. The memory model is plan.py."""
+
+import json
+
+from .errors import UsageError
+from .hardware import GiB, detect_hardware
+from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, plan_model
+from .recipe import PRECISIONS
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("plan", help="predict memory on every ZeRO rung and pick the one that fits",
+                       description="Predict per-rank memory on every rung of the ZeRO ladder and pick the lightest "
+                                   "that fits. Hardware not given is this machine's.")
+    p.add_argument("--model", required=True, help="a preset name (debug, 1b, 7b, 70b, ...) or a local config.json")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: this machine's; 1 on CPU)")
+    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory per GPU (default: this machine's GPU; "
+                   "none on a CPU-only machine, where ranks share the RAM)")
+    p.add_argument("--cpu-mem", type=float, metavar="GiB", help="CPU memory per node (default: this machine's)")
+    p.add_argument("--nvme", type=float, default=0, metavar="GiB", help="NVMe space per node (default 0: none)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sample (default {DEFAULT_SEQ_LEN} or the model's max)")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per rank per step (default 1)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision (default bf16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the candidates as stacked bars")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
+    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision)
+    if args.plot:
+        plot_plan(plan, args.plot)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(format_table(plan))
+    if plan.chosen is None:
+        what = f"no ZeRO rung fits {plan.model.name} on {hw.describe()}"
+        flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
+        raise UsageError(what, flag, plan.reason)
+    return 0
+
+
+def format_table(plan: Plan) -> str:
+    hw, wl, m = plan.hardware, plan.workload, plan.model
+    gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
+    lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
+             f"{wl.precision}",
+             f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
+             "GiB per rank" + (" (device = its share of the RAM, offload included)" if hw.cpu_only else
+                               " on the device") + "; CPU and NVMe per node",
+             f"{'rung':24} {'AC':3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
+             f"{'device':>7} {'CPU':>7} {'NVMe':>7}  fits"]
+    for c in plan.candidates:
+        d = c.device
+        mark = "*" if c is plan.chosen else " "
+        lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {gib(d['params'])} "
+                     f"{gib(d['grads'])} {gib(d['optimizer'])} {gib(d['activations'])} {gib(d['buffers'])} "
+                     f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
+                     f"{'yes' if c.fits else 'no: ' + c.why}")
+    lines.append(f"chosen: {plan.reason}" if plan.chosen else f"nothing fits: {plan.reason}")
+    return "\n".join(lines + plan.notes)
+
+
+def plot_plan(plan: Plan, path: str) -> None:
+    """Stacked bars of each candidate's per-rank device bytes against the device limit (and the usable part)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hw, cands = plan.hardware, plan.candidates
+    parts = ("params", "grads", "optimizer", "activations", "buffers")
+    labels = [c.name + (" +AC" if c.activation_checkpointing else "") for c in cands]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(cands)), 5))
+    bottom = [0.0] * len(cands)
+    for part in parts:
+        values = [c.device[part] / GiB for c in cands]
+        ax.bar(labels, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    limit = (hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem) / GiB
+    ax.axhline(limit, color="black", lw=1.5, label=f"{'RAM share' if hw.cpu_only else 'device'} {limit:.1f} GiB")
+    ax.axhline(limit * (1 - SAFETY_MARGIN), color="black", ls="--", lw=1, label=f"usable ({1 - SAFETY_MARGIN:.0%})")
+    for i, c in enumerate(cands):
+        if c is plan.chosen:
+            ax.annotate("chosen", (i, bottom[i]), ha="center", va="bottom", fontsize=8, color="green")
+        elif not c.fits:
+            ax.annotate("×", (i, bottom[i]), ha="center", va="bottom", color="red")
+    ax.set_ylim(0, max(limit * 1.3, min(max(bottom), limit * 4)) * 1.05)
+    ax.set_ylabel("GiB per rank")
+    ax.set_title(f"{plan.model.name} on {hw.describe()}", fontsize=9)
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

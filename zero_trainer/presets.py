@@ -1,0 +1,30 @@
+"""Model presets: shapes as data (ZeroLMConfig fields), read by model.py to build and by plan.py to count.
+
+Only shapes live here; optimisation knobs live in recipes. Parameter counts are unique parameters, a tied
+embedding counted once. No imports: `zero-trainer plan --model 70b` reads this without torch.
+"""
+
+PRESETS: dict[str, dict] = {
+    # 1.0M
+    "debug": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=512),
+    # minimind's two dense sizes: 25.8M / 104.0M
+    "minimind-26m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=6400, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+    "minimind-104m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                          num_key_value_heads=2, vocab_size=6400, tie_word_embeddings=True,
+                          max_position_embeddings=8192),
+    # Llama-3.2-1B / 3B shapes with Llama-2's 32k vocabulary: 1.04B / 2.92B
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=8192),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=8192),
+    # Llama-2 shapes: 6.74B / 13.0B / 68.98B
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
+}

@@ -1,0 +1,137 @@
+"""resolve: recipe + world size -> everything a run needs, checked. One function, called twice on one path:
+
+by `zero-trainer train` before it launches anything (so bad input is one line, and the data cache is warm), and by
+every rank before `deepspeed.initialize` (so the ranks train exactly what the launcher checked).
+
+Cheapest first, so most mistakes fail in seconds: the DeepSpeed JSON (and, for `auto`, the plan that picks it),
+precision, the JSON through DeepSpeed's own parser, the directories the run will write, the model, NVMe room, the
+data, then the checkpoint to resume from. Creates nothing: no output dir, no nvme dir; only the data cache fills.
+"""
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint
+from .data import DataError, PreparedData, prepare_data
+from .ds_config import (
+    ds_config_path,
+    load_ds_config,
+    nvme_bytes_needed,
+    resolve_auto_values,
+    uses_nvme,
+    validate_ds_config,
+    zero_stage,
+)
+from .errors import UsageError
+from .hardware import free_bytes, unwritable_reason
+from .model import model_config, param_sizes
+from .plan import Plan, plan_recipe
+from .recipe import Recipe
+
+
+@dataclass
+class Resolved:
+    recipe: Recipe
+    world_size: int
+    model_cfg: object  # a transformers PretrainedConfig
+    params: int  # unique parameters
+    ds_name: str  # the ds_configs name (or JSON file stem) the run uses
+    ds_config: dict  # every "auto" filled: ready for deepspeed.initialize
+    plan: Plan | None  # the planner's decision when deepspeed.config is auto
+    activation_checkpointing: bool  # the recipe's, or the plan's when auto needs it to fit
+    resume_from: Path | None  # the complete checkpoint to continue from
+    universal: bool  # that checkpoint is at another world size or stage: load through DeepSpeed's universal format
+    data: PreparedData
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+
+def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
+    """Everything a run needs, or a UsageError naming the first bad input (see the module docstring)."""
+    train = recipe.train
+    auto = recipe.deepspeed.config == "auto"
+    model_cfg = build_config(recipe)
+    plan = plan_recipe(recipe, model_cfg, world_size) if auto else None
+    name = plan.chosen.name if plan else recipe.deepspeed.config
+    ds_name, raw = load_ds_config(name)
+    if train.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
+                             "use train.precision=bf16 or fp32 on CPU")
+    validate_ds_config(raw, recipe, world_size=world_size, source=ds_config_path(name))
+    _check_run_dirs(recipe, raw)
+    positions = getattr(model_cfg, "max_position_embeddings", None)
+    if positions and recipe.data.seq_len > positions:
+        raise UsageError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings "
+                         f"{positions}", "data.seq_len", f"use data.seq_len <= {positions}")
+    sizes = param_sizes(model_cfg)
+    _check_nvme(recipe, raw, sum(sizes))
+    ds_config = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=model_cfg.hidden_size,
+                                    largest_param_numel=max(sizes), output_dir=recipe.output_dir,
+                                    params=sum(sizes))
+    data = load_data(recipe, model_cfg.vocab_size)
+    resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
+    universal = False
+    if resume_from is not None:
+        checkpoint.check_stage_change(resume_from, zero_stage(ds_config))
+        universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config))
+    return Resolved(recipe, world_size, model_cfg, sum(sizes), ds_name, ds_config, plan,
+                    bool(train.activation_checkpointing or (plan and plan.activation_checkpointing)),
+                    resume_from, universal, data)
+
+
+def build_config(recipe: Recipe):
+    """The recipe's model config (a preset or a local config.json of a causal decoder), or a UsageError."""
+    try:
+        return model_config(recipe.model_source)
+    except (ValueError, OSError, TypeError) as err:
+        raise UsageError(str(err).splitlines()[0], recipe.model_field,
+                         "use a preset name or a local config.json of a causal decoder LM") from None
+
+
+def load_data(recipe: Recipe, vocab_size: int) -> PreparedData:
+    """The recipe's corpus, tokenized and packed (cached on disk; the first caller builds, others wait)."""
+    data = recipe.data
+    try:
+        # Progress bars and library chatter go to stdout: on failure stderr holds the one error line.
+        with contextlib.redirect_stderr(sys.stdout):
+            return prepare_data({k: getattr(data, k) for k in ("path", "tokenizer", "eval_fraction", "max_documents")},
+                                vocab_size=vocab_size, seq_len=data.seq_len, seed=recipe.train.seed,
+                                cache_dir=recipe.cache_dir)
+    except DataError as err:
+        raise UsageError(" ".join(str(err).split())) from None  # DataError already says where: file:line or field
+    except (OSError, ValueError) as err:  # a reader's own error on a malformed file
+        raise UsageError(f"cannot read the data: {' '.join(str(err).split())}", f"data.path={data.path}",
+                         "check that data.path holds .jsonl/.parquet/.txt files or a saved dataset") from None
+
+
+def _check_run_dirs(recipe: Recipe, ds: dict) -> None:
+    if reason := unwritable_reason(recipe.output_dir):
+        raise UsageError(f"output_dir cannot be written: {reason}", "output_dir",
+                         "choose a writable directory with --output-dir or output_dir=...")
+    if uses_nvme(ds) and (reason := unwritable_reason(recipe.nvme_path)):
+        raise UsageError(f"nvme_path cannot be written: {reason}", "deepspeed.nvme_path",
+                         "point --nvme-path at a writable directory on a local disk")
+
+
+def _check_nvme(recipe: Recipe, ds: dict, params: int) -> None:
+    if not uses_nvme(ds):
+        return
+    from .ops import libaio_available
+
+    needed, path = nvme_bytes_needed(ds, params, recipe.train.precision), recipe.nvme_path
+    free = free_bytes(path)
+    if needed > free:
+        raise UsageError(f"nvme_path {path} has {free / 2**30:.1f} GiB free; NVMe offload of this "
+                         f"{params / 1e9:.2f}B-parameter model needs about {needed / 2**30:.1f} GiB",
+                         "deepspeed.nvme_path", "point --nvme-path at a disk with enough room, or use a smaller "
+                         "model or CPU offload (zero3_offload)")
+    if not libaio_available():
+        raise UsageError("NVMe offload needs DeepSpeed's async_io op, which cannot be built here (libaio not found)",
+                         "deepspeed.config", "apt-get install -y libaio-dev, or use CPU offload (zero3_offload)")
