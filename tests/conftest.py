@@ -56,13 +56,17 @@ def launch_engines(root: Path, world_size: int, runs: dict[str, list[str]]) -> d
 STEPS = 12
 BASE = ["train.precision=fp32", f"train.max_steps={STEPS}", *FAST]
 SAVED = ["train.save_every=3", "train.keep_last=10"]  # checkpoints the resume tests start from
+# bench/plan_calibration.py's RUN_ARGS (seq_len 128, micro batch 4, 3 steps): test_plan's live calibration row.
+CALIBRATION_RUN_ARGS = ["train.max_steps=3", "train.eval_batches=1", "train.eval_every=0", "train.sample_tokens=0",
+                        "data.seq_len=128", "data.max_documents=400", "train.micro_batch=4", "train.warmup_steps=1",
+                        "train.log_every=1"]
 
 
 class EngineRuns:
     """(name, world size) -> summary of a whole run: every ds_configs JSON in fp32, and `zero2_bf16`, at world size
-    1 and 2. Each world size is one launch, made the first time one of its runs is asked for (so a pytest worker
-    launches only the world size its tests use). At world size 2, zero2, zero3 and zero2_bf16 keep a checkpoint every
-    3 steps, for the resume tests."""
+    1 and 2 (and `calibration` at 1). Each world size is one launch, made the first time one of its runs is asked
+    for (so a pytest worker launches only the world size its tests use). At world size 2, zero2, zero3 and zero2_bf16
+    keep a checkpoint every 3 steps, for the resume tests."""
 
     def __init__(self, tmp_path_factory):
         self.tmp_path_factory, self.by_world_size = tmp_path_factory, {}
@@ -74,6 +78,9 @@ class EngineRuns:
 
             named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
             named["zero2_bf16"] = [*BASE, "deepspeed.config=zero2", "train.precision=bf16"]
+            if ws == 1:  # first in its process, so its peak RSS is its own: the planner's live calibration row
+                named = {"calibration": [*BASE, "deepspeed.config=zero2", "train.precision=bf16",
+                                         *CALIBRATION_RUN_ARGS], **named}
             if ws == 2:
                 for n in ("zero2", "zero3", "zero2_bf16"):
                     named[n] += SAVED

@@ -279,7 +279,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path):
 
 
 # One case from each stage of the checks, through a real process: the line a user sees, and nothing else.
-REAL_PROCESS = ["unknown flag", "unknown recipe field", "misspelt zero key", "jsonl row without text"]
+REAL_PROCESS = ["unknown flag", "jsonl row without text"]
 
 
 def test_bad_input_through_a_real_process(tmp_path):

@@ -245,9 +245,7 @@ def test_preemption_chain_sigterm_and_kill_9_lose_nothing(tmp_path):
     assert ckpt.name >= half.name and (half / COMPLETE).exists()
     step = state_of(ckpt)["step"]
 
-    run_cli("train", "--recipe", "recipes/debug.yaml", "--ds-config", "zero2", "--num-procs", 2, "--output-dir", out,
-            "--resume", *BASE, f"train.max_steps={step + 4}", "data.seq_len=128", *save)
-    summary = read_summary(out)
+    summary = launch_ranks(out, "zero2", 2, steps=step + 4, resume=True, overrides=["data.seq_len=128", *save])
     assert summary["resumed_from"].endswith(ckpt.name) and len(summary["losses"]) == step + 4
     assert summary["losses"][:sigterm_step] == history
     assert all((p / COMPLETE).exists() for p in step_dirs(out / "checkpoints"))

@@ -404,9 +404,14 @@ def test_committed_calibration_rows_are_within_bound():
 
 
 @pytest.mark.multiproc
-def test_calibration_holds_live(tmp_path):
-    """Re-measure one small row with a real run: debug, zero2, one rank."""
+@pytest.mark.engine_ws(1)
+def test_calibration_holds_live(engine_runs):
+    """Re-measure one small row with a real run (the first of the engine runs at world size 1: debug, zero2, bf16,
+    one rank, the calibration's seq_len, micro batch and steps)."""
+    from conftest import CALIBRATION_RUN_ARGS
+
     cal = calibration_module()
-    summary = cal.measure("debug", "zero2", 1, "bf16", False, tmp_path, reuse=False)
+    assert CALIBRATION_RUN_ARGS == cal.RUN_ARGS
+    summary = engine_runs["calibration", 1]
     row = cal.make_row("debug", "zero2", 1, "bf16", False, summary, None)
     assert abs(row["ratio"] - 1) <= cal.BOUND, row

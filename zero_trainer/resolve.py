@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets.exceptions import DatasetGenerationError
+
 from . import checkpoint
 from .data import DataError, PreparedData, prepare_data
 from .ds_config import (
@@ -106,7 +108,7 @@ def load_data(recipe: Recipe, vocab_size: int) -> PreparedData:
                                 cache_dir=recipe.cache_dir)
     except DataError as err:
         raise UsageError(" ".join(str(err).split())) from None  # DataError already says where: file:line or field
-    except (OSError, ValueError) as err:  # a reader's own error on a malformed file
+    except (OSError, ValueError, DatasetGenerationError) as err:  # a reader's own error on a malformed file
         raise UsageError(f"cannot read the data: {' '.join(str(err).split())}", f"data.path={data.path}",
                          "check that data.path holds .jsonl/.parquet/.txt files or a saved dataset") from None
 
