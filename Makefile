@@ -43,17 +43,17 @@ ops:
 train: install
 	$(VENV)/bin/zero-trainer train --recipe $(RECIPE) $(ARGS)
 
-# Two pytest workers on this 2-core box: a launch spends most of its time in one process (imports, the launcher,
-# preflight), so two streams keep both cores busy. Tests that share the session's engine runs stay on one worker
-# (xdist_group "engines"); `make test PYTEST_ARGS="-n 0"` runs everything in one process.
+# Two pytest workers on this 2-core box: much of a launch runs in one process at a time (imports, the launcher,
+# preflight), so two streams keep both cores busy. The session's engine runs are launched once and shared between
+# the workers (tests/conftest.py EngineRuns); `make test PYTEST_ARGS="-n 0"` runs everything in one process.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not multiproc" tests
 
 test-multiproc: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m multiproc tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m multiproc tests
 
 lint: install
 	$(PY) -m ruff check zero_trainer tests bench

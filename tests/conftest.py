@@ -1,5 +1,6 @@
 """Shared helpers: launch real zero-trainer runs (real processes, real DeepSpeed engines, gloo on CPU)."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -65,28 +66,38 @@ CALIBRATION_RUN_ARGS = ["train.max_steps=3", "train.eval_batches=1", "train.eval
 class EngineRuns:
     """(name, world size) -> summary of a whole run: every ds_configs JSON in fp32, and `zero2_bf16`, at world size
     1 and 2 (and `calibration` at 1). Each world size is one launch, made the first time one of its runs is asked
-    for (so a pytest worker launches only the world size its tests use). At world size 2, zero2, zero3 and zero2_bf16
-    keep a checkpoint every 3 steps, for the resume tests."""
+    for, once per test session: under pytest-xdist the first worker to ask launches it while holding a file lock
+    and the other reads its summaries. At world size 2, zero2, zero3 and zero2_bf16 keep a checkpoint every 3 steps,
+    for the resume tests."""
 
-    def __init__(self, tmp_path_factory):
-        self.tmp_path_factory, self.by_world_size = tmp_path_factory, {}
+    def __init__(self, root: Path):
+        self.root, self.by_world_size = root, {}
 
     def __getitem__(self, key: tuple[str, int]) -> dict:
         name, ws = key
         if ws not in self.by_world_size:
-            from zero_trainer.ds_config import available_ds_configs
-
-            named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
-            named["zero2_bf16"] = [*BASE, "deepspeed.config=zero2", "train.precision=bf16"]
-            if ws == 1:  # first in its process, so its peak RSS is its own: the planner's live calibration row
-                named = {"calibration": [*BASE, "deepspeed.config=zero2", "train.precision=bf16",
-                                         *CALIBRATION_RUN_ARGS], **named}
-                _warm_data_cache(named["calibration"])
-            if ws == 2:
-                for n in ("zero2", "zero3", "zero2_bf16"):
-                    named[n] += SAVED
-            self.by_world_size[ws] = launch_engines(self.tmp_path_factory.mktemp(f"engines_ws{ws}"), ws, named)
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f"ws{ws}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be launching it now
+                done = self.root / f"ws{ws}.json"
+                if not done.exists():
+                    done.write_text(json.dumps(self._launch(ws)))
+                self.by_world_size[ws] = json.loads(done.read_text())
         return self.by_world_size[ws][name]
+
+    def _launch(self, ws: int) -> dict[str, dict]:
+        from zero_trainer.ds_config import available_ds_configs
+
+        named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
+        named["zero2_bf16"] = [*BASE, "deepspeed.config=zero2", "train.precision=bf16"]
+        if ws == 1:  # first in its process, so its peak RSS is its own: the planner's live calibration row
+            named = {"calibration": [*BASE, "deepspeed.config=zero2", "train.precision=bf16",
+                                     *CALIBRATION_RUN_ARGS], **named}
+            _warm_data_cache(named["calibration"])
+        else:
+            for n in ("zero2", "zero3", "zero2_bf16"):
+                named[n] += SAVED
+        return launch_engines(self.root / f"ws{ws}", ws, named)
 
 
 def _warm_data_cache(overrides: list[str]) -> None:
@@ -102,20 +113,9 @@ def _warm_data_cache(overrides: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def engine_runs(tmp_path_factory) -> EngineRuns:
-    return EngineRuns(tmp_path_factory)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup), the tests that read one world size's engine runs
-    share a worker, so that launch happens once. A test says which world size with @pytest.mark.engine_ws(N), or
-    by a `world_size` parameter."""
-    for item in items:
-        if "engine_runs" not in getattr(item, "fixturenames", ()):
-            continue
-        marker = item.get_closest_marker("engine_ws")
-        ws = marker.args[0] if marker else item.callspec.params["world_size"]
-        item.add_marker(pytest.mark.xdist_group(f"engines_ws{ws}"))
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set by pytest-xdist, the same in every worker of a run
+    shared = tmp_path_factory.getbasetemp().parent / f"engines-{run_id}" if run_id else None
+    return EngineRuns(shared or tmp_path_factory.mktemp("engines"))
 
 
 def fork_run(summary: dict, step: int, out: Path) -> Path:

@@ -6,7 +6,6 @@ from bench.memory import theory_bytes
 
 
 @pytest.mark.multiproc
-@pytest.mark.engine_ws(1)
 def test_gpu_bench_reports_a_real_run(engine_runs):
     """bench.gpu's result from a real bf16 zero2 run's summary (the launch itself is `zero-trainer train`)."""
     from bench.gpu import result_from_summary

@@ -58,7 +58,6 @@ def metrics_steps(out: Path) -> list[int]:
 SAVE = ["train.save_every=3", "train.keep_last=3"]
 
 
-@pytest.mark.engine_ws(2)
 def test_zero2_chain_two_nodes_exact_resume_then_world_size_and_stage_export(engine_runs, tmp_path, capsys):
     """From zero2's step-3 checkpoint (2 ranks): resume exactly as two nodes on one machine (two `deepspeed
     --no_ssh --node_rank K` launchers), stopping at 6 -> zero1 on 1 rank (grad_accum 2 keeps the global batch) to
@@ -84,7 +83,6 @@ def test_zero2_chain_two_nodes_exact_resume_then_world_size_and_stage_export(eng
     _export_loads_in_vanilla_transformers(out, tmp_path / "hf", capsys, step=STEPS, stage=1, world_size=1)
 
 
-@pytest.mark.engine_ws(2)
 def test_zero3_chain_refusals_torchrun_exact_resume_world_sizes_export(engine_runs, tmp_path, capsys):
     """From zero3's step-3 checkpoint: refusals (stage change across ZeRO-3, another model, a fresh run over
     checkpoints) -> exact resume under torchrun to 6 -> 1 rank to 9 -> `zero-trainer train --resume` on 2 ranks
@@ -150,7 +148,6 @@ def _export_loads_in_vanilla_transformers(out: Path, hf_dir: Path, capsys, step:
     assert json.loads((hf_dir / "export.json").read_text())["step"] == step
 
 
-@pytest.mark.engine_ws(2)
 def test_bf16_exact_resume(engine_runs, tmp_path):
     want = engine_runs["zero2_bf16", 2]["losses"]
     out = fork_run(engine_runs["zero2_bf16", 2], 6, tmp_path / "run")

@@ -404,7 +404,6 @@ def test_committed_calibration_rows_are_within_bound():
 
 
 @pytest.mark.multiproc
-@pytest.mark.engine_ws(1)
 def test_calibration_holds_live(engine_runs):
     """Re-measure one small row with a real run (the first of the engine runs at world size 1: debug, zero2, bf16,
     one rank, the calibration's seq_len, micro batch and steps)."""

@@ -43,7 +43,6 @@ def test_every_ds_config_trains_and_matches_zero0(ds_config, world_size, engine_
         assert [p for p in nvme.rglob("*") if p.is_file()], f"no swap files under {nvme}"
 
 
-@pytest.mark.engine_ws(1)
 def test_metrics_csv_has_a_row_per_step(engine_runs):
     out = Path(engine_runs["zero2", 1]["recipe"]["output_dir"])
     rows = (out / "metrics.csv").read_text().strip().splitlines()
@@ -54,7 +53,6 @@ def test_metrics_csv_has_a_row_per_step(engine_runs):
     assert (out / "monitor").is_dir()  # DeepSpeed's own csv monitor
 
 
-@pytest.mark.engine_ws(1)
 def test_bf16_trains(engine_runs):
     summary = engine_runs["zero2_bf16", 1]
     assert summary["precision"] == "bf16" and summary["ds_config"]["bf16"]["enabled"] is True
@@ -62,7 +60,6 @@ def test_bf16_trains(engine_runs):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
 
 
-@pytest.mark.engine_ws(1)
 def test_wheel_trains_by_name_from_another_directory(engine_runs, tmp_path):
     """`pip wheel .` carries recipes/ and ds_configs/ as package data: unpacked on the path, with the checkout
     nowhere in sight, `python -m zero_trainer train --recipe debug --ds-config zero2` trains."""
