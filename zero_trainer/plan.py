@@ -1,7 +1,7 @@
 """The planner: which rung of the ZeRO ladder trains a model on given hardware, predicted before anything is allocated.
 
     zero-trainer plan --model 7b --gpus-per-node 8 --gpu-mem 80      # a table of every rung, then the choice
-    deepspeed.config: auto                                            # a recipe asks plan_for_recipe() instead
+    deepspeed.config: auto                                            # resolve.py asks plan_recipe() instead
 
 Nothing here imports torch or deepspeed on the common path (presets, no GPU): `plan --model 70b` answers in well
 under a second. DeepSpeed JSON is read through ds_config.py, the one module that knows it.

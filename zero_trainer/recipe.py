@@ -122,21 +122,6 @@ class Recipe:
         d["recipe_path"] = d.pop("path")
         return d
 
-    def replace(self, **sections) -> "Recipe":
-        """A copy with whole fields or sections changed, e.g. r.replace(train={"micro_batch": 4})."""
-        new = Recipe(**{f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self)})
-        for name, value in sections.items():
-            if isinstance(value, dict):
-                for key, sub in value.items():
-                    setattr(getattr(new, name), key, sub)
-            else:
-                setattr(new, name, value)
-        return new
-
-
-def _copy(value):
-    return dataclasses.replace(value) if dataclasses.is_dataclass(value) else value
-
 
 def nvme_path_for(output_dir: str, nvme_path: str | None = None) -> str:
     """The one place the NVMe default is made: OUTPUT_DIR/nvme unless a path is given."""
