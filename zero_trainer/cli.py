@@ -11,13 +11,14 @@ from .errors import UsageError
 
 
 def cmd_train(args) -> int:
+    from .hardware import local_gpus
     from .launch import launch
     from .ops import clear_stale_locks
     from .resolve import resolve
     from .train import recipe_from_args
 
     recipe = recipe_from_args(args)  # cheap first: most bad input is caught before torch is imported
-    resolve(recipe, world_size=args.num_procs or _local_device_count(), resume=args.resume)
+    resolve(recipe, world_size=args.num_procs or local_gpus()[0] or 1, resume=args.resume)
     clear_stale_locks()
     rank_args = ["--recipe", str(Path(recipe.path).resolve())]
     for flag in ("ds_config", "output_dir", "nvme_path"):
@@ -25,12 +26,6 @@ def cmd_train(args) -> int:
             rank_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     rank_args += (["--resume"] if args.resume else []) + list(args.overrides)
     return launch(args.num_procs, args.master_port, rank_args)
-
-
-def _local_device_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
 def add_train_subcommand(sub) -> None:
