@@ -74,15 +74,17 @@ def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, ro
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def predict(model: str, rung: str, world_size: int, precision: str, ac: bool) -> int:
-    """The planner's per-rank bytes on a CPU-only node with `world_size` ranks, above the process baseline."""
+def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cpu_mem: int | None = None) -> int:
+    """The planner's per-rank bytes on a CPU-only node with `world_size` ranks and `cpu_mem` of RAM (the knobs are
+    sized for it: the row's machine), above the process baseline."""
     from zero_trainer import plan
 
     shape = plan.shape_from_config(_config(model), name=model) if model == OVERHEAD else plan.model_shape(model)
-    hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=plan.physical_memory_bytes())
+    hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=cpu_mem or plan.physical_memory_bytes(),
+                       nvme=2**50)  # disk is not what a row measures (the runs had room)
     workload = plan.Workload(SEQ_LEN, MICRO_BATCH, precision)
-    by_name = {r.name: r for r in plan.ladder_rungs(shape, workload, world_size)}
-    return plan.estimate(shape, by_name[rung], hw, workload, ac).device_bytes - plan.HOST_PROCESS_BYTES
+    by_name = {r.name: r for r in plan.ladder_rungs(shape, workload, hw)}
+    return plan.judged(shape, by_name[rung], hw, workload, ac).device_bytes - plan.HOST_PROCESS_BYTES
 
 
 def _config(model: str):
@@ -92,15 +94,23 @@ def _config(model: str):
         model_config(model)
 
 
+def physical_memory_bytes() -> int:
+    from zero_trainer.hardware import physical_memory_bytes as probe
+
+    return probe()
+
+
 def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: dict | None) -> dict:
     if summary is not None:
         measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
         extra = {"rss_before_model_bytes": summary["rss_before_model_bytes"], "wall_s": round(summary["wall_s"], 1),
-                 "params": summary["params"], "measured_on": time.strftime("%Y-%m-%d")}
+                 "params": summary["params"], "measured_on": time.strftime("%Y-%m-%d"),
+                 "cpu_mem_bytes": physical_memory_bytes(), "sized": (summary.get("plan") or {}).get("sized", {})}
     else:
         measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params",
-                                                                       "measured_on") if k in old}
-    predicted = predict(model, rung, world_size, precision, ac)
+                                                                       "measured_on", "cpu_mem_bytes", "sized")
+                                                  if k in old}
+    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"))
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
             "activation_checkpointing": ac, "predicted_bytes": predicted, "measured_bytes": measured,
             "ratio": round(predicted / measured, 4), **extra}
@@ -108,11 +118,13 @@ def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: 
 
 def default_rows() -> list[tuple]:
     """bf16 (what the planner assumes) on every model, rung and world size; fp32 and activation checkpointing
-    on the largest model; the overhead probe on every rung."""
+    on the largest model; the overhead probe on every rung; the 1b preset on ZeRO-Infinity (bench/scale.py
+    checks the planner at 4B)."""
     rows = [(m, r, ws, "bf16", False) for m in MODELS for r in RUNGS for ws in WORLD_SIZES]
     rows += [("minimind-104m", r, ws, "fp32", False) for r in RUNGS for ws in WORLD_SIZES]
     rows += [("minimind-104m", r, 1, "bf16", True) for r in ("zero0", "zero2", "zero3")]
     rows += [(OVERHEAD, r, ws, "bf16", False) for r in RUNGS for ws in WORLD_SIZES]
+    rows += [("1b", "zero3_nvme", 1, "bf16", False)]  # a billion parameters: the rung that holds it here
     return rows
 
 
@@ -173,7 +185,7 @@ def write_results(results: Path, rows_by_key: dict) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.plan_calibration", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", help=f"subset of {', '.join(MODELS + (OVERHEAD,))}")
+    p.add_argument("--models", nargs="+", help=f"subset of {', '.join(MODELS + (OVERHEAD, '1b'))}")
     p.add_argument("--rungs", nargs="+", choices=RUNGS)
     p.add_argument("--world-sizes", nargs="+", type=int, choices=WORLD_SIZES)
     p.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"))

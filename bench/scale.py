@@ -1,12 +1,18 @@
-"""scale: the largest Llama-shaped model this machine can train for >= 2 steps with zero3_nvme and activation
-checkpointing (seq_len 128, micro batch 1). Run by hand (`make bench-scale`), never in CI: it needs ~18 bytes
-per parameter of free disk under --nvme-path (70 GiB for the default 4.16B), ~17 GiB of RAM and a quiet machine
+"""scale: the largest Llama-shaped model this machine can train for >= 2 steps, planned by `--ds-config auto` with no
+DeepSpeed override (seq_len 128, micro batch 1). Run by hand (`make bench-scale`), never in CI: it needs ~18 bytes
+per parameter of free disk under --nvme-path (72 GiB for the default 4.03B), ~16 GiB of RAM and a quiet machine
 for about 15 minutes. Its swap files go in a fresh folder under --nvme-path, removed at the end.
 
     python -m bench.scale [--hidden 4096 --layers 22 --ffn 11008] [--nvme-path DIR]
 
-writes bench/results/scale.json (params, steps, ds_config_name, step_s, peak_rss_bytes, nvme_bytes) and
-bench/results/scale.log (the run's output; the README quotes its last lines).
+writes bench/results/scale.json (params, steps, ds_config_name, plan, predicted_peak_bytes, peak_rss_bytes,
+rss_before_model_bytes, nvme_bytes, step_s, the disk bound, ds_config_overrides) and bench/results/scale.log.
+
+The disk bound: ZeRO-Infinity moves per step, per parameter, the fp32 gradients out (4 bytes) and, for the
+optimizer, master weights + two moments + gradients in (16) and master + moments out (12), the updated bf16
+weights out (2), and bf16 weights in for the forward, the backward and (with activation checkpointing) the
+recomputation (2 each). Divided by this disk's O_DIRECT read and write bandwidth (measured here with dd before
+the run), that is the fastest a step can be when the disk is the bottleneck.
 """
 
 import argparse
@@ -15,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,21 +31,25 @@ def du_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def tuned_nvme_config(sub_group_size: int) -> tuple[dict, dict]:
-    """ds_configs/zero3_nvme.json with the sizes a multi-billion model needs in 24 GiB of RAM (the trainer itself
-    raises offload_param.buffer_size to the largest tensor): the optimizer swaps buffer_count sub-groups of
-    fp32, and a 1e9 max_in_cpu would keep GBs of bf16 weights in RAM. Every swapped-in
-    tensor holds one whole param buffer while it is live: with a long reuse distance the second step's prefetch
-    keeps more tensors live than there are buffers (DeepSpeed asserts "Not enough buffers 0 for swapping 1"), so
-    weights are released right after use and there are 8 buffers."""
-    ds = json.loads((REPO / "ds_configs" / "zero3_nvme.json").read_text())
-    z = ds["zero_optimization"]
-    overrides = {"sub_group_size": sub_group_size, "stage3_max_live_parameters": 300_000_000,
-                 "stage3_max_reuse_distance": 0, "offload_param.buffer_count": 8, "offload_param.max_in_cpu": 0}
-    for key, value in overrides.items():
-        block, _, name = key.rpartition(".")
-        (z[block] if block else z)[name] = value
-    return ds, overrides
+def disk_bandwidth(folder: Path, size_mib: int = 2048) -> dict:
+    """O_DIRECT sequential write then read of one file (bytes/s), the way aio reads and writes swap files."""
+    path = folder / "bandwidth.probe"
+    rates = {}
+    for what, cmd in (("write", ["dd", "if=/dev/zero", f"of={path}", "bs=8M", f"count={size_mib // 8}",
+                                  "oflag=direct", "conv=fsync"]),
+                      ("read", ["dd", f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct"])):
+        t = time.time()
+        subprocess.run(cmd, check=True, capture_output=True)
+        rates[what] = size_mib * 2**20 / (time.time() - t)
+    path.unlink()
+    return rates
+
+
+def disk_bound_s(params: int, checkpointing: bool, rates: dict) -> dict:
+    read = params * (16 + 2 * (3 if checkpointing else 2))  # optimizer in; weights for forward, backward (+recompute)
+    written = params * (4 + 12 + 2)  # fp32 gradients; master and moments; updated bf16 weights
+    return {"read_bytes": read, "written_bytes": written, "read_bytes_per_s": rates["read"],
+            "write_bytes_per_s": rates["write"], "bound_s": read / rates["read"] + written / rates["write"]}
 
 
 def main() -> int:
@@ -49,36 +60,35 @@ def main() -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--ffn", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--steps", type=int, default=3, help="3: the warm-up keeps the lr at 0 for steps 1-2")
+    p.add_argument("--untied", action="store_true", help="a separate LM head (+vocab x hidden parameters)")
+    p.add_argument("--steps", type=int, default=3, help="3: the warm-up keeps the lr at 0 for step 1")
     p.add_argument("--nvme-path", default=str(REPO / "runs" / "scale_nvme"))
-    p.add_argument("--sub-group-size", type=int, default=100_000_000,
-                   help="optimizer sub-group (4 bytes each x buffer_count swap buffers in RAM)")
     args = p.parse_args()
 
+    from zero_trainer.hardware import physical_memory_bytes
     from zero_trainer.model import ZeroLMConfig, count_params
 
     config = ZeroLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                           num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                          num_key_value_heads=args.kv_heads, max_position_embeddings=2048, tie_word_embeddings=False)
+                          num_key_value_heads=args.kv_heads, max_position_embeddings=2048,
+                          tie_word_embeddings=not args.untied)
     params = count_params(config)
     nvme = Path(args.nvme_path)
     nvme.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(nvme).free
     nvme = Path(tempfile.mkdtemp(prefix="scale_", dir=nvme))  # ours alone: measured, then removed
+    rates = disk_bandwidth(nvme)
     print(f"{params / 1e9:.2f}B parameters; ~{18 * params / 2**30:.0f} GiB of NVMe needed "
-          f"(16 optimizer + 2 weight bytes a parameter), {free / 2**30:.0f} GiB free")
+          f"(16 optimizer + 2 weight bytes a parameter), {free / 2**30:.0f} GiB free; disk "
+          f"{rates['read'] / 1e9:.2f} GB/s read, {rates['write'] / 1e9:.2f} GB/s write", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_dir, out = Path(tmp) / "model", Path(tmp) / "run"
         config.to_llama_config().save_pretrained(config_dir)
-        ds_dir = Path(tmp) / "ds"
-        ds_dir.mkdir()
-        ds_json, overrides = tuned_nvme_config(args.sub_group_size)
-        (ds_dir / "zero3_nvme.json").write_text(json.dumps(ds_json, indent=1))
         log_path = REPO / "bench" / "results" / "scale.log"
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml",
-               "--ds-config", str(ds_dir / "zero3_nvme.json"), "--nvme-path", str(nvme), "--output-dir", str(out),
+               "--ds-config", "auto", "--nvme-path", str(nvme), "--output-dir", str(out),
                "model.preset=null", f"model.config={config_dir}", f"train.max_steps={args.steps}",
-               "train.precision=bf16", "train.activation_checkpointing=true", "data.seq_len=128",
+               "train.precision=bf16", "data.seq_len=128",
                "train.micro_batch=1", "train.grad_accum=1", "train.eval_every=0", "train.eval_batches=1",
                "train.sample_tokens=0", "train.save_every=0", "train.warmup_steps=1", "train.log_every=1"]
         with open(log_path, "w") as log:
@@ -89,19 +99,33 @@ def main() -> int:
             print(f"run failed ({code}); see {log_path}")
             return code
         summary = json.loads((out / "summary.json").read_text())
-        rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
-    step_s = [float(r.split(",")[5]) for r in rows]
+        rows = (out / "metrics.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    records = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+    step_s = [float(r["step_s"]) for r in records]
+    lrs = [float(r["lr"]) for r in records]
+    plan = summary["plan"]
+    measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
+    bound = disk_bound_s(params, summary["activation_checkpointing"], rates)
     from bench.common import write_result
 
-    write_result("scale", {"params": params, "steps": summary["steps"], "ds_config_name": summary["ds_config_name"],
-                           "step_s": step_s, "peak_rss_bytes": summary["peak_mem_bytes"], "nvme_bytes": nvme_bytes,
-                           "shape": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers",
-                                                                      "num_attention_heads", "num_key_value_heads",
-                                                                      "intermediate_size", "vocab_size")},
-                           "final_loss": summary["final_loss"], "ds_config_overrides": overrides,
-                           "nvme_free_bytes_before": free})
-    print(f"trained {params / 1e9:.2f}B for {summary['steps']} steps: {step_s} s/step, "
-          f"peak RSS {summary['peak_mem_bytes'] / 2**30:.1f} GiB, NVMe {nvme_bytes / 2**30:.1f} GiB")
+    write_result("scale", {
+        "params": params, "steps": summary["steps"], "ds_config_name": summary["ds_config_name"], "plan": plan,
+        "activation_checkpointing": summary["activation_checkpointing"],
+        "predicted_peak_bytes": plan["predicted_peak_bytes"], "peak_rss_bytes": summary["peak_mem_bytes"],
+        "rss_before_model_bytes": summary["rss_before_model_bytes"], "measured_peak_bytes": measured,
+        "prediction_ratio": round(plan["predicted_peak_bytes"] / measured, 4), "nvme_bytes": nvme_bytes,
+        "step_s": step_s, "lr": lrs, "disk": bound,
+        "steady_step_over_disk_bound": round(min(step_s[1:] or step_s) / bound["bound_s"], 3),
+        "shape": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "intermediate_size", "vocab_size",
+                                                   "tie_word_embeddings")},
+        "final_loss": summary["final_loss"], "ds_config_overrides": {}, "nvme_free_bytes_before": free,
+        "cpu_mem_bytes": physical_memory_bytes(),
+        "seq_len": 128, "micro_batch": 1})
+    print(f"trained {params / 1e9:.2f}B for {summary['steps']} steps on {summary['ds_config_name']}: {step_s} s/step "
+          f"(disk bound {bound['bound_s']:.0f} s), peak {measured / 2**30:.2f} GiB above the process, predicted "
+          f"{plan['predicted_peak_bytes'] / 2**30:.2f} GiB, NVMe {nvme_bytes / 2**30:.1f} GiB")
     return 0
 
 

@@ -104,6 +104,37 @@ def rename_key(block, old, new):
     return change
 
 
+def nvme_knobs(**keys):
+    """zero3_nvme with offload_param knobs set (and parameters swapped: max_in_cpu 0) on a model whose tensors
+    are large enough to be swapped (minimind-26m: the embedding is 3.3M elements)."""
+    def change(c):
+        c["zero_optimization"]["offload_param"].update({"max_in_cpu": 0, **keys.pop("param", {})})
+        c["zero_optimization"].update(keys)
+    return lambda t: [*with_ds("zero3_nvme", change)(t), "--nvme-path", t / "nvme", "model.preset=minimind-26m"]
+
+
+def locked_beyond_ram(t: Path) -> list:
+    from zero_trainer.hardware import physical_memory_bytes
+
+    count = physical_memory_bytes() // (2 * 4 * 10**8) + 1  # bf16 buffers of 4e8 elements: more than the RAM
+    return nvme_knobs(param={"buffer_count": int(count), "buffer_size": 4 * 10**8})(t)
+
+
+def tmpfs_dir(t: Path) -> Path:
+    from zero_trainer.hardware import filesystem_type
+
+    if filesystem_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    return Path("/dev/shm") / f"zt_nvme_{t.name}"
+
+
+def cannot_checkpoint(t: Path) -> list:
+    """openai-gpt: a causal LM whose transformers class has supports_gradient_checkpointing = False."""
+    config = write(t / "inputs" / "gpt1" / "config.json", {"model_type": "openai-gpt", "n_embd": 64, "n_layer": 2,
+                                                            "n_head": 2, "vocab_size": 2048, "n_positions": 512})
+    return [*D, "model.preset=null", f"model.config={config}", "train.activation_checkpointing=true"]
+
+
 # id -> (args builder: tmp dir -> CLI args after `train`, substrings of the error line, pre-existing output dir).
 # --output-dir OUT is added unless the builder gives its own.
 CATALOG = {
@@ -192,6 +223,30 @@ CATALOG = {
                                              ["max_position_embeddings 512", "data.seq_len"], False),
     "nvme_path too small for the model": (lambda t: [*D, *nvme_too_small(t)], ["deepspeed.nvme_path", "GiB free"],
                                           False),
+    # DeepSpeed's scale traps: accepted by DeepSpeed, fatal (or RAM-eating) mid-run
+    "param swap buffer smaller than a parameter": (nvme_knobs(param={"buffer_size": 100_000}),
+                                                   ["offload_param.buffer_size 100000 is smaller", "ds.json"], False),
+    "param swap buffers too few for the reuse window": (
+        nvme_knobs(param={"buffer_count": 3}, stage3_max_reuse_distance=10**9),
+        ["offload_param.buffer_count 3 is too small", "stage3_max_reuse_distance", "Not enough buffers"], False),
+    "optimizer swap buffers too few": (with_ds("zero3_nvme", lambda c: c["zero_optimization"]["offload_optimizer"]
+                                               .update(buffer_count=2)),
+                                       ["offload_optimizer.buffer_count 2 is too small", "ds.json"], False),
+    "page-locked buffers beyond the RAM": (locked_beyond_ram, ["page-locks", "of RAM"], False),
+    "nvme_path on tmpfs": (lambda t: [*D, "--ds-config", "zero3_nvme", "--nvme-path", tmpfs_dir(t)],
+                           ["on tmpfs", "deepspeed.nvme_path"], False),
+    "activation checkpointing on a model that cannot": (cannot_checkpoint,
+                                                        ["cannot recompute activations",
+                                                         "train.activation_checkpointing"], False),
+    # the memory budget
+    "budget not a size": (lambda t: [*D, "hardware.cpu_mem=lots"], ["hardware.cpu_mem", "GiB"], False),
+    "nothing fits the budget": (lambda t: [*D, "--ds-config", "auto", "hardware.cpu_mem=0.1"],
+                                ["no ZeRO rung fits debug on the recipe's hardware budget", "deepspeed.config"],
+                                False),
+    "named rung beyond the budget": (lambda t: [*D, "--ds-config", "zero2", "hardware.cpu_mem=0.1"],
+                                     ["zero2 does not fit debug", "deepspeed.config=zero2"], False),
+    "only NVMe would fit": (lambda t: [*D, "--ds-config", "auto", "model.preset=minimind-104m", "hardware.cpu_mem=2"],
+                            ["no ZeRO rung fits", "would fit with NVMe offload", "--nvme-path"], False),
     # the data
     "data path missing": (lambda t: [*D, f"data.path={t / 'corpus.jsonl'}"],
                           ["data path does not exist", "corpus.jsonl"], False),

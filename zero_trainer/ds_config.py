@@ -117,6 +117,34 @@ MODEL_AUTO_KEYS = ("zero_optimization.reduce_bucket_size", "zero_optimization.st
                    "zero_optimization.stage3_param_persistence_threshold")
 
 
+# Memory knobs a JSON may leave "auto": the planner sizes them for the model and the hardware (plan.size_knobs).
+SIZED_KEYS = tuple("zero_optimization." + k for k in (
+    "sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance", "offload_optimizer.buffer_count",
+    "offload_optimizer.pin_memory", "offload_param.buffer_count", "offload_param.buffer_size",
+    "offload_param.max_in_cpu", "offload_param.pin_memory")) + ("aio.intra_op_parallelism",)
+
+
+def fill_sized(ds: dict, values: dict) -> tuple[dict, dict]:
+    """A copy of `ds` with each "auto" at a dotted path in `values` filled; returns it and what was filled.
+
+    A number already there stays (the user's choice wins; plan.check_knobs judges it). An "auto" the planner
+    has no value for (a knob that does not apply on this rung) is removed, so DeepSpeed uses its default."""
+    ds = copy.deepcopy(ds)
+    filled = {}
+    for dotted in SIZED_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or node.get(leaf) != "auto":
+            continue
+        if dotted in values:
+            node[leaf] = filled[dotted] = values[dotted]
+        else:
+            del node[leaf]
+    return ds, filled
+
+
 def fill_from_recipe(ds: dict, recipe: Recipe, *, world_size: int) -> tuple[dict, list[str]]:
     """A copy of `ds` with the recipe's "auto" values filled, and the explicit values that contradict it.
 
@@ -163,7 +191,7 @@ MIN_REDUCE_BUCKET = 1_000_000
 
 
 def resolve_auto_values(ds: dict, recipe: Recipe, *, world_size: int, hidden_size: int,
-                        largest_param_numel: int = 0, output_dir: str | None = None, params: int = 0) -> dict:
+                        output_dir: str | None = None, params: int = 0) -> dict:
     """A copy of `ds` with every "auto" filled from the recipe, ready for deepspeed.initialize. `params` (the
     model's parameter count, when known) caps the reduce bucket's floor at the model's size."""
     ds, mismatches = fill_from_recipe(ds, recipe, world_size=world_size)
@@ -187,10 +215,6 @@ def resolve_auto_values(ds: dict, recipe: Recipe, *, world_size: int, hidden_siz
         block = zero.get(f"offload_{what}")
         if block and block.get("device") == "nvme" and swap:
             block["nvme_path"] = str(Path(swap).resolve())
-    # The NVMe parameter swap buffer must hold the largest single parameter (the embedding, usually).
-    param_block = zero.get("offload_param") or {}
-    if param_block.get("device") == "nvme" and param_block.get("buffer_size", 0) < largest_param_numel:
-        param_block["buffer_size"] = largest_param_numel
 
     if output_dir:
         ds["csv_monitor"] = {"enabled": True, "output_path": str(Path(output_dir).resolve() / "monitor"),
@@ -454,7 +478,7 @@ def _auto_keys(node, path=()):
 def _check_unfilled_autos(filled: dict, recipe_keys: list[str], source) -> None:
     """An "auto" nothing fills is silently dropped by DeepSpeed (a misspelt key set to "auto" vanishes) or
     reaches it as the string "auto"."""
-    fillable = set(recipe_keys) | set(MODEL_AUTO_KEYS)
+    fillable = set(recipe_keys) | set(MODEL_AUTO_KEYS) | set(SIZED_KEYS)
     for dotted in _auto_keys(filled):
         if dotted not in fillable:
             fix = did_you_mean(dotted, fillable, 'give a value; "auto" works only where HF Trainer fills it: '

@@ -122,3 +122,24 @@ def free_bytes(path) -> int:
 def local_world_size() -> int:
     """Ranks on this node as the launcher set them (deepspeed: LOCAL_SIZE; torchrun: LOCAL_WORLD_SIZE); 0 if unset."""
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding `path` (or its nearest existing parent), from /proc/mounts; "" unknown."""
+    target = Path(path).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    target = target.resolve()
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        if (str(target) == mount or str(target).startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind

@@ -239,6 +239,14 @@ def check_causal_decoder(cfg: PretrainedConfig) -> None:
                          "tokens) unless its config sets \"is_decoder\": true")
 
 
+def supports_checkpointing(cfg: PretrainedConfig) -> bool:
+    """Whether the model class this config builds can recompute activations (gradient_checkpointing_enable)."""
+    if isinstance(cfg, ZeroLMConfig):
+        return ZeroLMForCausalLM.supports_gradient_checkpointing
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg))
+    return bool(getattr(cls, "supports_gradient_checkpointing", False))
+
+
 def build_model(preset_or_config, **overrides) -> nn.Module:
     """Random-init model; under `with torch.device("meta"):` it allocates nothing."""
     cfg = model_config(preset_or_config, **overrides)

@@ -5,7 +5,9 @@ by the building process until it finishes. A build killed midway leaves the file
 waits on it forever, printing nothing. A lock that no live process holds open is therefore stale.
 """
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 # The ops zero_trainer's configs use on a CPU-only machine: the optimizers, the shm all-reduce every rank loads at
@@ -102,7 +104,10 @@ def clear_stale_locks(root: Path | None = None, say=print) -> list[Path]:
 
 
 def libaio_available() -> bool:
-    return bool(op_builder("AsyncIOBuilder").is_compatible(verbose=False))
+    # DeepSpeed's probe compiles a test program and silences it through the real stdout/stderr file descriptors:
+    # under a redirected sys.stdout (a StringIO, as when the CLI runs in-process) it would report "no libaio".
+    with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
+        return bool(op_builder("AsyncIOBuilder").is_compatible(verbose=False))
 
 
 def op_builder(name: str):

@@ -67,11 +67,20 @@ avoiding recomputation comes first there. NVMe rungs only when NVMe space is giv
 names the candidate that needs the least extra memory, and how much of which.
 """
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 
-from .ds_config import DS_CONFIG_DIR, load_ds_config, offload_device, resolve_auto_values, zero_stage
+from .ds_config import (
+    DS_CONFIG_DIR,
+    fill_sized,
+    load_ds_config,
+    offload_device,
+    resolve_auto_values,
+    uses_nvme,
+    zero_stage,
+)
 from .errors import UsageError, did_you_mean
 from .hardware import GiB, Hardware, free_bytes, local_gpus, local_world_size, physical_memory_bytes
 from .presets import PRESETS
@@ -117,6 +126,7 @@ class ModelShape:
     largest_param: int  # elements of the largest single tensor (the embedding, usually)
     layer_params: int  # one decoder layer: what ZeRO-3 gathers at a time
     norm_params: int  # 1-D weights (the norms): under ZeRO-3's persistence threshold, kept whole on every rank
+    param_sizes: tuple = ()  # every parameter's elements in the order DeepSpeed meets them (sub-groups, prefetch)
 
 
 def _llama_shape(name: str, c: dict) -> ModelShape:
@@ -126,9 +136,14 @@ def _llama_shape(name: str, c: dict) -> ModelShape:
     kv = c.get("num_key_value_heads") or H
     hd = h // H
     layer = 2 * h * H * hd + 2 * h * kv * hd + 3 * h * f + 2 * h  # q, o; k, v; gate, up, down; two norms
-    params = V * h * (1 if c.get("tie_word_embeddings", True) else 2) + L * layer + h
+    tied = c.get("tie_word_embeddings", True)
+    params = V * h * (1 if tied else 2) + L * layer + h
+    # model.py's order: embedding; per layer norm, q, k, v, o, norm, gate, up, down; final norm; untied head
+    one_layer = (h, h * H * hd, h * kv * hd, h * kv * hd, h * H * hd, h, h * f, h * f, h * f)
+    sizes = (V * h,) + one_layer * L + (h,) + (() if tied else (V * h,))
     return ModelShape(name, params, h, L, H, kv, f, V, c.get("max_position_embeddings"),
-                      largest_param=max(V * h, h * f, h * H * hd), layer_params=layer, norm_params=(2 * L + 1) * h)
+                      largest_param=max(V * h, h * f, h * H * hd), layer_params=layer, norm_params=(2 * L + 1) * h,
+                      param_sizes=sizes)
 
 
 def model_shape(model, where: str = "--model") -> ModelShape:
@@ -171,7 +186,7 @@ def shape_from_config(cfg, name: str = "") -> ModelShape:
                       getattr(cfg, "intermediate_size", None) or 4 * h, cfg.vocab_size,
                       getattr(cfg, "max_position_embeddings", None), largest_param=max(sizes),
                       layer_params=max(1, (sum(sizes) - embed) // max(L, 1)),
-                      norm_params=sum(n for n in sizes if n <= h))
+                      norm_params=sum(n for n in sizes if n <= h), param_sizes=tuple(sizes))
 
 
 @dataclass(frozen=True)
@@ -195,27 +210,199 @@ class Rung:
     stage: int
     offload_optimizer: str  # none | cpu | nvme
     offload_param: str
-    zero: dict = field(repr=False)  # the resolved zero_optimization block
+    zero: dict = field(repr=False)  # the resolved zero_optimization block, every knob sized
+    sized: dict = field(default_factory=dict, repr=False)  # the knobs the planner filled ("auto"): dotted -> value
+    ds: dict = field(default_factory=dict, repr=False)  # the whole resolved config
+    tighter: "Rung | None" = field(default=None, repr=False)  # the same rung holding less in RAM (NVMe params)
 
     @property
     def uses_nvme(self) -> bool:
         return "nvme" in (self.offload_optimizer, self.offload_param)
 
 
-def ladder_rungs(shape: ModelShape, workload: Workload, world_size: int) -> list[Rung]:
-    """Every ladder rung that has a JSON in ds_configs/, with "auto" bucket sizes filled for this model."""
-    recipe = Recipe()
-    recipe.train.micro_batch, recipe.train.precision = workload.micro_batch, workload.precision
-    rungs = []
-    for name in LADDER:
-        if not (DS_CONFIG_DIR / f"{name}.json").is_file():
-            continue
-        _, raw = load_ds_config(name)
-        ds = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=shape.hidden,
-                                 largest_param_numel=shape.largest_param, params=shape.params)
-        rungs.append(Rung(name, zero_stage(ds), offload_device(ds, "optimizer"), offload_device(ds, "param"),
-                          ds.get("zero_optimization", {})))
-    return rungs
+def ladder_rungs(shape: ModelShape, workload: Workload, hw: Hardware) -> list[Rung]:
+    """Every ladder rung that has a JSON in ds_configs/, with its "auto" values filled and knobs sized for `hw`."""
+    return [sized_rung(name, load_ds_config(name)[1], shape, workload, hw) for name in LADDER
+            if (DS_CONFIG_DIR / f"{name}.json").is_file()]
+
+
+def sized_rung(name: str, raw: dict, shape: ModelShape, workload: Workload, hw: Hardware,
+               recipe: Recipe | None = None) -> Rung:
+    """A DeepSpeed JSON with the recipe's and the model's "auto" values filled, and every memory knob left "auto"
+    sized for this model on this hardware (`size_knobs`). A number the user wrote stays."""
+    if recipe is None:
+        recipe = Recipe()
+        recipe.train.micro_batch, recipe.train.precision = workload.micro_batch, workload.precision
+    ds = resolve_auto_values(raw, recipe, world_size=hw.world_size, hidden_size=shape.hidden, params=shape.params)
+
+    def make(keep_params_in_cpu: bool) -> Rung:
+        wanted = size_knobs(shape, ds, hw, workload, keep_params_in_cpu)
+        filled, sized = fill_sized(ds, wanted)
+        return Rung(name, zero_stage(filled), offload_device(filled, "optimizer"), offload_device(filled, "param"),
+                    filled.get("zero_optimization", {}), sized, filled)
+
+    roomy = make(True)
+    if "zero_optimization.offload_param.max_in_cpu" in roomy.sized and roomy.sized[
+            "zero_optimization.offload_param.max_in_cpu"] > 0:
+        return dataclasses.replace(roomy, tighter=make(False))
+    return roomy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizing the knobs: what DeepSpeed's buffers hold follows from the model's tensors and the memory they live in
+
+KNOB_SHARE = 1 / 8  # of a rank's memory, for what a knob lets DeepSpeed hold beyond the model states
+PIN_SHARE = 1 / 2  # of a node's RAM that may be page-locked: the OS and the page cache need the rest
+DS_DEFAULT_KNOB = 10**9  # DeepSpeed's default sub group, live parameters and reuse distance; never sized above it
+MIN_AIO_BYTES = 1024**2  # partitions smaller than this (or aio.block_size) stay in RAM (partitioned_param_swapper)
+AIO_ALIGNED_BYTES = 1024
+ADAM_STATES = {"adam": 2, "adamw": 2, "fusedadam": 2, "cpuadam": 2, "lamb": 2, "onebitadam": 2, "zerooneadam": 2,
+               "onebitlamb": 2, "lion": 1, "adagrad": 1, "muon": 1, "sgd": 1}
+
+
+def optimizer_states(ds: dict) -> int:
+    """fp32 tensors the optimizer keeps per parameter besides the master weights (Adam: momentum and variance)."""
+    kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower().replace("_", "")
+    return ADAM_STATES.get(kind, 2)
+
+
+def partitions(shape: ModelShape, world_size: int) -> list[int]:
+    """Each parameter's partition on one rank, in model order (DeepSpeed pads every tensor to the world size)."""
+    sizes = shape.param_sizes or (shape.largest_param, shape.params - shape.largest_param)
+    return [math.ceil(n / world_size) for n in sizes if n > 0]
+
+
+def largest_sub_group(parts: list[int], sub_group_size: int) -> int:
+    """stage3.py _create_fp16_sub_groups: parameters join a group until it holds >= sub_group_size elements."""
+    if sub_group_size >= sum(parts):
+        return sum(parts)
+    largest = current = 0
+    for n in parts:
+        current += n
+        if current >= sub_group_size:
+            largest, current = max(largest, current), 0
+    return max(largest, current)
+
+
+def _window_count(sizes: list[int], budget: int, reach: bool) -> int:
+    """The most consecutive tensors one window holds: up to `budget` elements, or (reach) until it reaches it."""
+    best = 0
+    for i in range(len(sizes)):
+        total = count = 0
+        for n in sizes[i:]:
+            if total >= budget if reach else total + n > budget:
+                break
+            total, count = total + n, count + 1
+        best = max(best, count)
+    return best
+
+
+def swapped_partitions(shape: ModelShape, zero: dict, ds: dict, world_size: int, w: int) -> list[int]:
+    """Partitions ZeRO-Infinity swaps to NVMe: not persistent (norms), and at least one aio block."""
+    persistence = _int(zero.get("stage3_param_persistence_threshold"), 10**5)
+    block = _int((ds.get("aio") or {}).get("block_size"), 1024**2)
+    sizes = [n for n in (shape.param_sizes or (shape.largest_param,)) if n >= persistence]
+    return [p for p in (math.ceil(n / world_size) for n in sizes) if p * w >= max(MIN_AIO_BYTES, block)]
+
+
+def param_buffers_needed(shape: ModelShape, zero: dict, ds: dict, world_size: int, w: int) -> int:
+    """Swap buffers NVMe parameters need at once: each swapped-in partition holds a whole buffer while it is live —
+    the tensor in use, the prefetch bucket's (stage3_prefetch_bucket_size, filled until reached), and those kept
+    for reuse within stage3_max_reuse_distance (partitioned_param_coordinator.py). Fewer and DeepSpeed asserts
+    "Not enough buffers 0 for swapping 1" mid-step."""
+    swapped = swapped_partitions(shape, zero, ds, world_size, w)
+    if not swapped:
+        return 1
+    full = [n for n in (shape.param_sizes or (shape.largest_param,)) if math.ceil(n / world_size) in swapped]
+    prefetch = _window_count(full, _int(zero.get("stage3_prefetch_bucket_size"), 5 * 10**7), reach=True)
+    kept = _window_count(full, _int(zero.get("stage3_max_reuse_distance"), DS_DEFAULT_KNOB), reach=False)
+    return 1 + prefetch + kept
+
+
+def _int(value, default: int) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _aligned(numel: int, w: int, intra_op: int) -> int:
+    align = max(1, AIO_ALIGNED_BYTES * intra_op // w)
+    return math.ceil(numel / align) * align
+
+
+def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, keep_params_in_cpu: bool) -> dict:
+    """A value for every DeepSpeed knob that moves memory on this rung (dotted path -> value), derived from the
+    model's tensors and the memory each buffer lives in. The caller fills only the ones the JSON leaves "auto".
+
+    - sub_group_size: the optimizer steps one sub-group at a time and holds it in fp32 (with NVMe, buffer_count
+      swap buffers of it): as large as KNOB_SHARE of the memory it lives in allows (large groups step faster),
+      never below the largest partition, never above DeepSpeed's default.
+    - stage3_max_live_parameters / stage3_max_reuse_distance: gathered weights kept for the next use, within
+      KNOB_SHARE of the device; at least one layer (or the embedding) plus the prefetch bucket. With parameters
+      on NVMe every kept weight holds a swap buffer, so nothing is kept (reuse distance 0).
+    - offload_param (NVMe): buffer_size the largest partition (aio-aligned), buffer_count twice what the prefetch
+      and reuse window holds at once, max_in_cpu all parameters when they fit in RAM (then nothing is swapped),
+      else 0 (the caller judges both).
+    - offload_optimizer (NVMe): buffer_count = the master weights, each optimizer state and the gradient of one
+      sub-group at once (PartitionedOptimizerSwapper's required_buffer_count).
+    - pin_memory: while everything pinned stays within PIN_SHARE of the RAM. Also on a CPU-only machine: aio reads
+      and writes page-locked tensors directly, unpinned ones through its few bounce buffers (measured: a
+      minimind-26m NVMe step took 30 s unpinned, 2.3 s pinned).
+    - aio.intra_op_parallelism: half a rank's cores (the other half runs the CPU optimizer), 1 to 8.
+    """
+    zero = ds.get("zero_optimization") or {}
+    stage = zero_stage(ds)
+    opt_dev, param_dev = offload_device(ds, "optimizer"), offload_device(ds, "param")
+    w, N = workload.weight_bytes, hw.world_size
+    parts = partitions(shape, N)
+    part, largest_part = sum(parts), max(parts)
+    ram_rank = hw.cpu_mem // hw.gpus_per_node
+    dev_rank = ram_rank if hw.cpu_only else hw.gpu_mem
+    sized = {}
+    z = "zero_optimization."
+    intra_op = max(1, min(8, (os.cpu_count() or 2) // max(1, hw.gpus_per_node) // 2))
+    if stage == 3:
+        states = optimizer_states(ds)
+        if opt_dev == "nvme":
+            sized[z + "offload_optimizer.buffer_count"] = 1 + states + 1
+            per_elem, home = 4 * (states + 3), ram_rank
+        else:
+            per_elem, home = (4 if opt_dev == "cpu" else 4 + w), (ram_rank if opt_dev == "cpu" else dev_rank)
+        sized[z + "sub_group_size"] = int(min(DS_DEFAULT_KNOB, max(largest_part, KNOB_SHARE * home // per_elem)))
+        prefetch = _int(zero.get("stage3_prefetch_bucket_size"), 5 * 10**7)
+        floor = max(shape.layer_params, shape.largest_param) + prefetch
+        live = int(min(DS_DEFAULT_KNOB, max(floor, KNOB_SHARE * dev_rank // w)))
+        sized[z + "stage3_max_live_parameters"] = live
+        swaps_params = param_dev == "nvme" and not keep_params_in_cpu
+        sized[z + "stage3_max_reuse_distance"] = 0 if swaps_params else live
+        if param_dev == "nvme":
+            intra = _int((ds.get("aio") or {}).get("intra_op_parallelism"), intra_op)
+            sized[z + "offload_param.buffer_size"] = _aligned(largest_part, w, intra)
+            sized[z + "offload_param.max_in_cpu"] = part if keep_params_in_cpu else 0
+            probe = {**zero, **{k[len(z):]: v for k, v in sized.items() if "." not in k[len(z):]}}
+            if keep_params_in_cpu:  # nothing is swapped in while training: the buffers serve the start-up only
+                probe["stage3_max_reuse_distance"] = 0
+            sized[z + "offload_param.buffer_count"] = 2 * param_buffers_needed(shape, probe, ds, N, w)
+        if param_dev == "nvme" or opt_dev == "nvme":
+            sized["aio.intra_op_parallelism"] = intra_op
+    pinned = _pinned_bytes(shape, ds, sized, hw, w)
+    for what, dev in (("optimizer", opt_dev), ("param", param_dev)):
+        if dev in ("cpu", "nvme") and (stage == 3 or what == "optimizer"):
+            sized[f"{z}offload_{what}.pin_memory"] = pinned <= PIN_SHARE * hw.cpu_mem
+    return sized
+
+
+def _pinned_bytes(shape: ModelShape, ds: dict, sized: dict, hw: Hardware, w: int) -> int:
+    """Per node: what pin_memory would page-lock (offloaded parameters and optimizer states)."""
+    zero = ds.get("zero_optimization") or {}
+    part = math.ceil(shape.params / hw.world_size)
+    total = 0
+    if offload_device(ds, "optimizer") == "cpu":
+        total += 16 * part
+    if offload_device(ds, "param") == "cpu":
+        total += w * part
+    if offload_device(ds, "param") == "nvme":
+        total += w * min(part, _int(sized.get("zero_optimization.offload_param.max_in_cpu",
+                                              (zero.get("offload_param") or {}).get("max_in_cpu")), DS_DEFAULT_KNOB))
+    return total * hw.gpus_per_node
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,6 +431,11 @@ class Candidate:
     fits: bool = False
     why: str = ""
     shortfall: dict = field(default_factory=dict)  # bytes missing: {"device": per rank, "cpu"/"nvme": per node}
+    rung: Rung | None = field(default=None, repr=False)  # the rung as sized for this candidate
+
+    @property
+    def sized(self) -> dict:
+        return dict(self.rung.sized) if self.rung else {}
 
     @property
     def device_bytes(self) -> int:
@@ -252,7 +444,7 @@ class Candidate:
     def to_json(self) -> dict:
         return {"name": self.name, "activation_checkpointing": self.activation_checkpointing,
                 "device_bytes": self.device_bytes, "cpu_bytes": self.cpu_bytes, "nvme_bytes": self.nvme_bytes,
-                "fits": self.fits, "why": self.why, "device_split": dict(self.device)}
+                "fits": self.fits, "why": self.why, "device_split": dict(self.device), "sized": self.sized}
 
 
 def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str) -> tuple[dict, dict, int]:
@@ -293,16 +485,16 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
             cpu["buffers"] = w * shape.largest_param  # temp_grad_buffer_for_cpu_offload (pinned)
         return dev, cpu, nvme
     # stage 3
-    persistence = int(z.get("stage3_param_persistence_threshold", 1e5))
-    prefetch = int(z.get("stage3_prefetch_bucket_size", 5e7))
-    max_live = int(z.get("stage3_max_live_parameters", 1e9))
-    reuse = int(z.get("stage3_max_reuse_distance", 1e9))
+    persistence = _int(z.get("stage3_param_persistence_threshold"), 10**5)
+    prefetch = _int(z.get("stage3_prefetch_bucket_size"), 5 * 10**7)
+    max_live = _int(z.get("stage3_max_live_parameters"), DS_DEFAULT_KNOB)
+    reuse = _int(z.get("stage3_max_reuse_distance"), DS_DEFAULT_KNOB)
     persistent = shape.norm_params if persistence > shape.hidden else 0
     # A gathered layer is kept until its backward when fewer than stage3_max_reuse_distance parameters are fetched
     # in between (2× the layers after it): the last reuse/2 parameters of the forward stay whole, plus the layer
     # in use and the prefetch bucket, all capped by stage3_max_live_parameters (partitioned_param_coordinator.py).
     gathered = min(max_live, min(P, reuse // 2) + shape.layer_params + prefetch) * w
-    sub_group = min(int(z.get("sub_group_size", 1e9)), part)
+    sub_group = largest_sub_group(partitions(shape, N), _int(z.get("sub_group_size"), DS_DEFAULT_KNOB))
     dev["buffers"] = bucket * (2 if overlap else 1) + gathered + persistent * w
     if rung.offload_param == "none":
         dev["params"] = w * part
@@ -319,23 +511,32 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
         opt, par = z.get("offload_optimizer", {}), z.get("offload_param", {})
         cpu["grads"] = w * part + 4 * sub_group  # the fp32 gradients are swapped out with the optimizer
         # optimizer swap buffers, plus the fp32 master of the sub-group being stepped (measured)
-        cpu["buffers"] = (int(opt.get("buffer_count", 4)) + 1) * sub_group * 4
+        cpu["buffers"] = (_int(opt.get("buffer_count"), 4) + 1) * sub_group * 4
         nvme += 16 * part  # fp32 master, momentum, variance, fp32 gradients
         if rung.offload_param == "nvme":
-            cpu["params"] = min(int(par.get("max_in_cpu", 1e9)), part) * w
-            cpu["buffers"] += int(par.get("buffer_count", 5)) * int(par.get("buffer_size", 1e8)) * w
+            cpu["params"] = min(_int(par.get("max_in_cpu"), DS_DEFAULT_KNOB), part) * w
+            intra = _int((rung.ds.get("aio") or {}).get("intra_op_parallelism"), 1)
+            cpu["buffers"] += _int(par.get("buffer_count"), 5) * _aligned(_int(par.get("buffer_size"), 10**8), w,
+                                                                          intra) * w
             nvme += w * part
     return dev, cpu, nvme
 
 
-def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
-    """CPU only: the fp32 model the trainer builds before DeepSpeed flattens and casts it stays resident.
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc: larger allocations are mmapped, and go back to the OS when freed
 
-    Its per-tensor allocations sit below glibc's mmap threshold, so freeing them does not shrink the RSS (measured
-    on every rung but fp32 stage 0, which trains the built tensors in place). zero.Init at stage 3 also
-    materialises every full tensor before it keeps its partition, so the same holds there.
+
+def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
+    """CPU only: what stays of the fp32 model the trainer builds before DeepSpeed flattens and casts it.
+
+    Tensors below glibc's mmap threshold come from the heap, and freeing them does not shrink the RSS (measured
+    on every rung but fp32 stage 0, which trains the built tensors in place); larger ones are mmapped and go back
+    to the OS when freed (the 4.16B scale run kept under 1 GiB of its 16.6 GB fp32 build). zero.Init at stage 3
+    also materialises every full tensor before it keeps its partition, so the same holds there.
     """
-    return 0 if rung.stage == 0 and precision == "fp32" else 4 * shape.params
+    if rung.stage == 0 and precision == "fp32":
+        return 0
+    sizes = shape.param_sizes or (shape.params,)
+    return 4 * sum(n for n in sizes if 4 * n <= MMAP_THRESHOLD_MAX)
 
 
 def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
@@ -353,7 +554,8 @@ def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, ch
     else:
         device["buffers"] += DEVICE_RUNTIME_BYTES
         cpu_node = hw.gpus_per_node * (sum(cpu.values()) + host)
-    return Candidate(rung.name, checkpointing, device, cpu_node, hw.gpus_per_node * nvme, cpu_rank=cpu_rank)
+    return Candidate(rung.name, checkpointing, device, cpu_node, hw.gpus_per_node * nvme, cpu_rank=cpu_rank,
+                     rung=rung)
 
 
 def _judge(c: Candidate, rung: Rung, hw: Hardware) -> None:
@@ -393,6 +595,10 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, int) and not isinstance(value, bool) and value >= 10**5 else str(value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the plan
 
@@ -411,12 +617,38 @@ class Plan:
     def activation_checkpointing(self) -> bool:
         return bool(self.chosen and self.chosen.activation_checkpointing)
 
+    @property
+    def sized(self) -> dict:
+        return self.chosen.sized if self.chosen else {}
+
+    @property
+    def predicted_peak_bytes(self) -> int | None:
+        """One rank's peak in the measure a run reports: on CPU its RSS above the process before the model
+        (summary.json peak_mem_bytes - rss_before_model_bytes); on a GPU torch.cuda.max_memory_allocated."""
+        if self.chosen is None:
+            return None
+        base = HOST_PROCESS_BYTES if self.hardware.cpu_only else DEVICE_RUNTIME_BYTES
+        return self.chosen.device_bytes - base
+
+    def summary(self) -> dict:
+        """summary.json's `plan`."""
+        return {"rung": self.chosen.name if self.chosen else None,
+                "activation_checkpointing": self.activation_checkpointing,
+                "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized}
+
+    def line(self) -> str:
+        """The plan in one line, printed when a run starts."""
+        knobs = ", ".join(f"{k.removeprefix('zero_optimization.')}={_short(v)}" for k, v in self.sized.items())
+        return (f"plan: {self.reason}; predicted peak {_gib(self.predicted_peak_bytes)} a rank"
+                + (f"; sized {knobs}" if knobs else ""))
+
     def to_json(self) -> dict:
         hw = self.hardware
         return {
             "model": self.model.name, "params": self.model.params,
             "chosen": self.chosen.name if self.chosen else None,
-            "activation_checkpointing": self.activation_checkpointing, "reason": self.reason,
+            "activation_checkpointing": self.activation_checkpointing, "sized": self.sized,
+            "predicted_peak_bytes": self.predicted_peak_bytes, "reason": self.reason,
             "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_mem_bytes": hw.gpu_mem,
                          "cpu_mem_bytes": hw.cpu_mem, "nvme_bytes": hw.nvme, "cpu_only": hw.cpu_only},
             "seq_len": self.workload.seq_len, "micro_batch": self.workload.micro_batch,
@@ -432,20 +664,30 @@ def preference_key(rung: Rung, checkpointing: bool) -> tuple:
     return tier, checkpointing, LADDER.index(rung.name) if rung.name in LADDER else len(LADDER)
 
 
-def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None = None) -> Plan:
+def judged(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
+    """One candidate, judged; an NVMe rung that can keep its parameters in RAM does so only when that fits."""
+    c = estimate(shape, rung, hw, workload, checkpointing)
+    _judge(c, rung, hw)
+    if not c.fits and rung.tighter is not None:
+        c = estimate(shape, rung.tighter, hw, workload, checkpointing)
+        _judge(c, rung.tighter, hw)
+    return c
+
+
+def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None = None,
+              rungs: list[Rung] | None = None) -> Plan:
     """Every candidate (rung × activation checkpointing) judged, and the first that fits in preference order.
 
     checkpointing=True: the run checkpoints activations anyway (a recipe that asks for it), so only those
-    candidates are eligible; None: both, without first.
+    candidates are eligible; False: only those without (a model that cannot checkpoint); None: both, without
+    first. `rungs`: the ladder (default) or the one JSON a run names.
     """
-    rungs = ladder_rungs(shape, workload, hw.world_size)
+    rungs = rungs if rungs is not None else ladder_rungs(shape, workload, hw)
     candidates, by_name = [], {r.name: r for r in rungs}
     for rung in rungs:
         for ac in (False, True):
-            c = estimate(shape, rung, hw, workload, ac)
-            _judge(c, rung, hw)
-            candidates.append(c)
-    preference = sorted((c for c in candidates if c.activation_checkpointing or not checkpointing),
+            candidates.append(judged(shape, rung, hw, workload, ac))
+    preference = sorted((c for c in candidates if checkpointing is None or c.activation_checkpointing == checkpointing),
                         key=lambda c: preference_key(by_name[c.name], c.activation_checkpointing))
     chosen = next((c for c in preference if c.fits), None)
     if chosen is None:
@@ -459,6 +701,9 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
         why = "the lightest rung fits, without activation checkpointing"
     else:
         why = "the least sharding and offload that fits without activation checkpointing"
+    if len(rungs) == 1:
+        why = why.replace("the least sharding and offload that fits", "fits").replace(
+            "the lightest rung fits", "fits")
     reason = (f"{chosen.name}{' with activation checkpointing' if chosen.activation_checkpointing else ''}: {why} "
               f"({_gib(chosen.device_bytes)} a rank, {100 * chosen.device_bytes / limit:.0f}% of "
               f"{'its share of the RAM' if hw.cpu_only else 'the device'}; {SAFETY_MARGIN:.0%} kept free)")
@@ -514,38 +759,112 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed's scale traps: numbers a user wrote that DeepSpeed accepts, then fails on (or swaps RAM for) mid-run
+
+
+def check_knobs(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, source: str) -> None:
+    """One UsageError per trap, before anything launches: a parameter swap buffer smaller than a partition it
+    must hold, too few swap buffers for the prefetch/reuse window or for one optimizer sub-group, and more
+    page-locked memory than the node has."""
+    z, w, N = rung.zero, workload.weight_bytes, hw.world_size
+    where = f"zero_optimization in {source}"
+    part = math.ceil(shape.params / N)
+    if rung.stage == 3 and rung.offload_param == "nvme":
+        par = z.get("offload_param") or {}
+        swapped = swapped_partitions(shape, z, rung.ds, N, w)
+        size = _int(par.get("buffer_size"), 10**8)
+        if swapped and size < max(swapped):
+            raise UsageError(f"offload_param.buffer_size {size} is smaller than the largest parameter partition it "
+                             f"must swap ({max(swapped)} elements)", where,
+                             f'set it to at least {max(swapped)}, or "auto" to let the planner size it')
+        count, needed = _int(par.get("buffer_count"), 5), param_buffers_needed(shape, z, rung.ds, N, w)
+        if _int(par.get("max_in_cpu"), DS_DEFAULT_KNOB) < part and count < needed:
+            raise UsageError(f"offload_param.buffer_count {count} is too small: the prefetch bucket and the reuse "
+                             f"window (stage3_max_reuse_distance {_int(z.get('stage3_max_reuse_distance'), 10**9)}) "
+                             f"hold {needed} swapped parameters at once; DeepSpeed would stop mid-step with \"Not "
+                             f"enough buffers\"", where,
+                             f'set buffer_count >= {needed}, lower stage3_max_reuse_distance, or use "auto" for both')
+    if rung.stage == 3 and rung.offload_optimizer == "nvme":
+        count, needed = _int((z.get("offload_optimizer") or {}).get("buffer_count"), 4), optimizer_states(rung.ds) + 2
+        if count < needed:
+            raise UsageError(f"offload_optimizer.buffer_count {count} is too small: one sub-group swaps its master "
+                             f"weights, {optimizer_states(rung.ds)} optimizer state(s) and its gradients at once",
+                             where, f'set buffer_count >= {needed}, or "auto"')
+    dev, cpu, _ = model_states(shape, rung, N, workload.precision)
+    locked = cpu["buffers"] if rung.uses_nvme else 0  # aio swap buffers are always page-locked
+    pins = [(z.get(f"offload_{k}") or {}).get("pin_memory") is True for k in ("optimizer", "param")]
+    if any(pins) and not hw.cpu_only:
+        locked += sum(cpu.values()) - (cpu["buffers"] if rung.uses_nvme else 0)
+    if locked * hw.gpus_per_node > hw.cpu_mem:
+        raise UsageError(f"{source} page-locks {_gib(locked * hw.gpus_per_node)} per node (swap buffers"
+                         f"{' and pinned offload' if any(pins) and not hw.cpu_only else ''}), more than the "
+                         f"{_gib(hw.cpu_mem)} of RAM", where,
+                         'lower buffer_count / buffer_size / sub_group_size, set pin_memory false, or use "auto"')
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # deepspeed.config: auto
 
 
-def recipe_hardware(recipe: Recipe, world_size: int) -> Hardware:
-    """The hardware a recipe trains on here: this node's GPUs (or CPU), its RAM, free disk at nvme_path if set."""
+def recipe_hardware(recipe: Recipe, world_size: int, nvme_probe: bool = False) -> Hardware:
+    """The hardware a recipe plans for: the `hardware:` budget where set, else this node's GPUs (or CPU) and RAM,
+    and free disk at the NVMe path when one is given (nvme_probe: at the default path too)."""
+    budget = recipe.hardware
     count, device = local_gpus()
     per_node = local_world_size() or (min(world_size, count) if count else world_size)
     nvme = 0
-    if recipe.deepspeed.nvme_path:
+    if budget.nvme is not None or recipe.deepspeed.nvme_path or nvme_probe:
         # whole GiB: every rank must reach the same answer, and free space moves as ranks start writing
-        nvme = free_bytes(recipe.deepspeed.nvme_path) // GiB * GiB
-    return Hardware(nodes=max(1, math.ceil(world_size / per_node)), gpus_per_node=per_node,
-                    gpu_mem=device if count else None, cpu_mem=physical_memory_bytes(), nvme=nvme)
+        nvme = free_bytes(recipe.nvme_path) // GiB * GiB
+        if budget.nvme is not None:
+            nvme = min(nvme, int(budget.nvme * GiB))
+    gpu_mem = (int(budget.gpu_mem * GiB) if budget.gpu_mem is not None else device) if count else None
+    cpu_mem = int(budget.cpu_mem * GiB) if budget.cpu_mem is not None else physical_memory_bytes()
+    return Hardware(nodes=max(1, math.ceil(world_size / per_node)), gpus_per_node=per_node, gpu_mem=gpu_mem,
+                    cpu_mem=cpu_mem, nvme=nvme)
 
 
-def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1) -> Plan:
-    """The plan for a recipe on the detected hardware: `.chosen.name` and `.activation_checkpointing`.
+def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[str, dict] | None = None,
+                can_checkpoint: bool = True) -> Plan:
+    """The plan a run follows: `.chosen` (its rung, sized), `.activation_checkpointing`, `.sized`.
 
-    A recipe with train.activation_checkpointing: true checkpoints anyway, so only those candidates are eligible.
-    With false, the plan may still need it (`.activation_checkpointing` is then True): the trainer should turn it
-    on for `deepspeed.config: auto`. Raises UsageError when no rung fits.
+    ds=None (deepspeed.config: auto): every rung of the ladder, the cheapest that fits. ds=(name, raw JSON): that
+    one config, its "auto" knobs sized and the result judged. A recipe with train.activation_checkpointing: true
+    checkpoints anyway, so only those candidates are eligible; with false, auto may still need it (the trainer
+    turns it on). Raises UsageError when nothing fits the hardware (or the recipe's `hardware:` budget).
     """
     train, data = recipe.train, recipe.data
     field_name, source = recipe.model_field, recipe.model_source
     if model_cfg is not None:  # already built by the caller: name it after the recipe's preset or path
         source = shape_from_config(model_cfg, name=str(source)) if hasattr(model_cfg, "to_dict") else model_cfg
-    plan = plan_model(source, recipe_hardware(recipe, world_size), data.seq_len, train.micro_batch,
-                      train.precision, checkpointing=train.activation_checkpointing or None,
-                      where={"model": field_name, "seq_len": "data.seq_len", "micro_batch": "train.micro_batch",
-                             "precision": "train.precision"})
-    if plan.chosen is None:
-        raise UsageError(f"no ZeRO rung fits {plan.model.name} on {plan.hardware.describe()}", "deepspeed.config",
-                         f"{plan.reason}; or lower data.seq_len / train.micro_batch (`zero-trainer plan` shows all)")
-    return plan
+    where = {"model": field_name, "seq_len": "data.seq_len", "micro_batch": "train.micro_batch",
+             "precision": "train.precision"}
+    hw = recipe_hardware(recipe, world_size, nvme_probe=ds is not None and uses_nvme(ds[1]))
+    checkpointing = True if train.activation_checkpointing else None if can_checkpoint else False
 
+    def planned(hw: Hardware) -> Plan:
+        if ds is None:
+            return plan_model(source, hw, data.seq_len, train.micro_batch, train.precision,
+                              checkpointing=checkpointing, where=where)
+        shape = model_shape(source, field_name)
+        workload = Workload(data.seq_len, train.micro_batch, train.precision)
+        rung = sized_rung(ds[0], ds[1], shape, workload, hw, recipe)
+        check_knobs(shape, rung, hw, workload, ds[0])
+        return make_plan(shape, hw, workload, checkpointing=checkpointing, rungs=[rung])
+
+    plan = planned(hw)
+    if plan.chosen is not None:
+        return plan
+    budget = "the recipe's hardware budget" if any(
+        v is not None for v in vars(recipe.hardware).values()) else plan.hardware.describe()
+    what = f"no ZeRO rung fits {plan.model.name} on {budget}" if ds is None else \
+        f"{ds[0]} does not fit {plan.model.name} on {budget}"
+    fix = f"{plan.reason}; or lower data.seq_len / train.micro_batch (`zero-trainer plan` shows all)"
+    if ds is None and hw.nvme == 0:
+        disk = recipe_hardware(recipe, world_size, nvme_probe=True)
+        with_disk = planned(disk) if disk.nvme else None
+        if with_disk is not None and with_disk.chosen is not None:
+            fix = (f"{with_disk.chosen.name} would fit with NVMe offload: {_gib(with_disk.chosen.nvme_bytes)} of the "
+                   f"{_gib(disk.nvme)} free at {recipe.nvme_path} — pass --nvme-path {recipe.nvme_path} (or set "
+                   f"deepspeed.nvme_path); without NVMe {plan.reason}")
+    raise UsageError(what, "deepspeed.config" if ds is None else f"deepspeed.config={ds[0]}", fix)

@@ -61,6 +61,9 @@ def format_table(plan: Plan) -> str:
                      f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
                      f"{'yes' if c.fits else 'no: ' + c.why}")
     lines.append(f"chosen: {plan.reason}" if plan.chosen else f"nothing fits: {plan.reason}")
+    if plan.sized:
+        knobs = (f"{k.removeprefix('zero_optimization.')}={v}" for k, v in plan.sized.items())
+        lines.append("sized: " + ", ".join(knobs))
     return "\n".join(lines + plan.notes)
 
 

@@ -28,6 +28,7 @@ _opt_str = ((str, type(None)), lambda v: v is None or v.strip() != "", "a non-em
 _str = ((str,), lambda v: v.strip() != "", "a non-empty string")
 _bool = ((bool,), lambda v: True, "true or false")
 _opt_pos_int = ((int, type(None)), lambda v: v is None or v >= 1, "a whole number >= 1 or null")
+_opt_gib = ((int, float, type(None)), lambda v: v is None or v > 0, "a size in GiB > 0, or null (what the run detects)")
 
 
 def _f(default, rule, doc: str = ""):
@@ -86,11 +87,21 @@ class DeepSpeedSection:
 
 
 @dataclass
+class HardwareSection:
+    """A memory budget in GiB, meaning what `zero-trainer plan --gpu-mem/--cpu-mem/--nvme` mean: the plan is made
+    for it (shared machines, GPU slices, CI, the machine you will rent). null: what the run detects."""
+    gpu_mem: float | None = _f(None, _opt_gib, "per GPU; None: the GPU's memory")
+    cpu_mem: float | None = _f(None, _opt_gib, "per node; None: the RAM (or the cgroup's limit)")
+    nvme: float | None = _f(None, _opt_gib, "per node; None: free disk at the NVMe path when one is given")
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
     output_dir: str = _f("runs/debug", ((str,), lambda v: v.strip() != "", "a directory path"))
     path: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from
 

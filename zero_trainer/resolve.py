@@ -19,6 +19,7 @@ from . import checkpoint
 from .data import DataError, PreparedData, prepare_data
 from .ds_config import (
     ds_config_path,
+    fill_sized,
     load_ds_config,
     nvme_bytes_needed,
     resolve_auto_values,
@@ -27,8 +28,8 @@ from .ds_config import (
     zero_stage,
 )
 from .errors import UsageError
-from .hardware import free_bytes, unwritable_reason
-from .model import model_config, param_sizes
+from .hardware import filesystem_type, free_bytes, unwritable_reason
+from .model import model_config, param_sizes, supports_checkpointing
 from .plan import Plan, plan_recipe
 from .recipe import Recipe
 
@@ -41,7 +42,7 @@ class Resolved:
     params: int  # unique parameters
     ds_name: str  # the ds_configs name (or JSON file stem) the run uses
     ds_config: dict  # every "auto" filled: ready for deepspeed.initialize
-    plan: Plan | None  # the planner's decision when deepspeed.config is auto
+    plan: Plan  # the planner's decision: the rung (chosen by auto, or named), AC, sized knobs, predicted peak
     activation_checkpointing: bool  # the recipe's, or the plan's when auto needs it to fit
     resume_from: Path | None  # the complete checkpoint to continue from
     universal: bool  # that checkpoint is at another world size or stage: load through DeepSpeed's universal format
@@ -57,7 +58,13 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     train = recipe.train
     auto = recipe.deepspeed.config == "auto"
     model_cfg = build_config(recipe)
-    plan = plan_recipe(recipe, model_cfg, world_size) if auto else None
+    can_checkpoint = supports_checkpointing(model_cfg)
+    if train.activation_checkpointing and not can_checkpoint:
+        raise UsageError(f"train.activation_checkpointing is on, but {type(model_cfg).__name__.removesuffix('Config')} "
+                         "models cannot recompute activations (transformers: supports_gradient_checkpointing is "
+                         "False)", "train.activation_checkpointing",
+                         "set train.activation_checkpointing=false, or use a model type that supports it")
+    plan = plan_recipe(recipe, model_cfg, world_size, can_checkpoint=can_checkpoint) if auto else None
     name = plan.chosen.name if plan else recipe.deepspeed.config
     ds_name, raw = load_ds_config(name)
     if train.precision == "fp16":
@@ -74,9 +81,11 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
                          f"{positions}", "data.seq_len", f"use data.seq_len <= {positions}")
     sizes = param_sizes(model_cfg)
     _check_nvme(recipe, raw, sum(sizes))
+    if plan is None:  # a named JSON: its "auto" knobs sized, the whole judged against the hardware
+        plan = plan_recipe(recipe, model_cfg, world_size, ds=(ds_name, raw), can_checkpoint=can_checkpoint)
     ds_config = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=model_cfg.hidden_size,
-                                    largest_param_numel=max(sizes), output_dir=recipe.output_dir,
-                                    params=sum(sizes))
+                                    output_dir=recipe.output_dir, params=sum(sizes))
+    ds_config, _ = fill_sized(ds_config, plan.sized)
     data = load_data(recipe, model_cfg.vocab_size)
     resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
     universal = False
@@ -84,7 +93,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
         checkpoint.check_stage_change(resume_from, zero_stage(ds_config))
         universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config))
     return Resolved(recipe, world_size, model_cfg, sum(sizes), ds_name, ds_config, plan,
-                    bool(train.activation_checkpointing or (plan and plan.activation_checkpointing)),
+                    bool(train.activation_checkpointing or plan.activation_checkpointing),
                     resume_from, universal, data)
 
 
@@ -128,6 +137,10 @@ def _check_nvme(recipe: Recipe, ds: dict, params: int) -> None:
     from .ops import libaio_available
 
     needed, path = nvme_bytes_needed(ds, params, recipe.train.precision), recipe.nvme_path
+    if (fs := filesystem_type(path)) in ("tmpfs", "ramfs"):
+        raise UsageError(f"nvme_path {path} is on {fs}, which lives in RAM: swapping there spends the memory NVMe "
+                         "offload is meant to save", "deepspeed.nvme_path",
+                         "point --nvme-path at a directory on a local disk (not /dev/shm or a tmpfs /tmp)")
     free = free_bytes(path)
     if needed > free:
         raise UsageError(f"nvme_path {path} has {free / 2**30:.1f} GiB free; NVMe offload of this "

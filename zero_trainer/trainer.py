@@ -78,6 +78,7 @@ class Run:
         self.ds_name, self.ds_config, self.zero_stage = r.ds_name, r.ds_config, r.zero_stage
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            print(r.plan.line(), flush=True)
         universal_dir = None
         if r.universal:
             if self.rank == 0:
@@ -245,7 +246,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     summary = {
         "params": run.params, "world_size": run.world_size, "ds_config_name": run.ds_name,
         "ds_config": run.ds_config, "precision": train.precision, "zero_stage": run.zero_stage,
-        "activation_checkpointing": run.resolved.activation_checkpointing,
+        "activation_checkpointing": run.resolved.activation_checkpointing, "plan": run.resolved.plan.summary(),
         "model": recipe.model_source, "steps": len(losses), "tokens": state["tokens"],
         "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
