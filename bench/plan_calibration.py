@@ -74,17 +74,34 @@ def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, ro
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cpu_mem: int | None = None) -> int:
-    """The planner's per-rank bytes on a CPU-only node with `world_size` ranks and `cpu_mem` of RAM (the knobs are
-    sized for it: the row's machine), above the process baseline."""
+# The knobs every stage-3 and offload JSON fixed before the planner sized them (rows measured before 2026-11-28
+# ran with these; `sized` in a row says what its run used, so it is re-predicted with the same knobs).
+FIXED_KNOBS = {"zero_optimization.sub_group_size": 10**9, "zero_optimization.stage3_max_live_parameters": 10**9,
+               "zero_optimization.stage3_max_reuse_distance": 10**9,
+               "zero_optimization.offload_optimizer.buffer_count": 4,
+               "zero_optimization.offload_optimizer.pin_memory": True,
+               "zero_optimization.offload_param.buffer_count": 5,
+               "zero_optimization.offload_param.buffer_size": 10**8,
+               "zero_optimization.offload_param.max_in_cpu": 10**9,
+               "zero_optimization.offload_param.pin_memory": True}
+
+
+def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cpu_mem: int | None = None,
+            knobs: dict | None = None) -> int:
+    """The planner's per-rank bytes on a CPU-only node with `world_size` ranks and `cpu_mem` of RAM, above the
+    process baseline: with the knobs the run used when given (a row's `sized`), else sized for that node."""
     from zero_trainer import plan
+    from zero_trainer.ds_config import fill_sized, load_ds_config
 
     shape = plan.shape_from_config(_config(model), name=model) if model == OVERHEAD else plan.model_shape(model)
     hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=cpu_mem or plan.physical_memory_bytes(),
                        nvme=2**50)  # disk is not what a row measures (the runs had room)
     workload = plan.Workload(SEQ_LEN, MICRO_BATCH, precision)
-    by_name = {r.name: r for r in plan.ladder_rungs(shape, workload, hw)}
-    return plan.judged(shape, by_name[rung], hw, workload, ac).device_bytes - plan.HOST_PROCESS_BYTES
+    raw = load_ds_config(rung)[1]
+    if knobs:
+        raw = fill_sized(raw, knobs)[0]
+    sized = plan.sized_rung(rung, raw, shape, workload, hw)
+    return plan.judged(shape, sized, hw, workload, ac).device_bytes - plan.HOST_PROCESS_BYTES
 
 
 def _config(model: str):
@@ -110,7 +127,7 @@ def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: 
         measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params",
                                                                        "measured_on", "cpu_mem_bytes", "sized")
                                                   if k in old}
-    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"))
+    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"), extra.get("sized"))
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
             "activation_checkpointing": ac, "predicted_bytes": predicted, "measured_bytes": measured,
             "ratio": round(predicted / measured, 4), **extra}

@@ -62,6 +62,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--untied", action="store_true", help="a separate LM head (+vocab x hidden parameters)")
     p.add_argument("--steps", type=int, default=3, help="3: the warm-up keeps the lr at 0 for step 1")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per step (a CPU without AVX-512 computes bf16 at "
+                   "~1 GFLOP/s: use a few tokens there, so the step measures the swap path, not the matmuls)")
     p.add_argument("--nvme-path", default=str(REPO / "runs" / "scale_nvme"))
     args = p.parse_args()
 
@@ -88,7 +90,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml",
                "--ds-config", "auto", "--nvme-path", str(nvme), "--output-dir", str(out),
                "model.preset=null", f"model.config={config_dir}", f"train.max_steps={args.steps}",
-               "train.precision=bf16", "data.seq_len=128",
+               "train.precision=bf16", f"data.seq_len={args.seq_len}",
                "train.micro_batch=1", "train.grad_accum=1", "train.eval_every=0", "train.eval_batches=1",
                "train.sample_tokens=0", "train.save_every=0", "train.warmup_steps=1", "train.log_every=1"]
         with open(log_path, "w") as log:
@@ -122,7 +124,7 @@ def main() -> int:
                                                    "tie_word_embeddings")},
         "final_loss": summary["final_loss"], "ds_config_overrides": {}, "nvme_free_bytes_before": free,
         "cpu_mem_bytes": physical_memory_bytes(),
-        "seq_len": 128, "micro_batch": 1})
+        "seq_len": args.seq_len, "micro_batch": 1})
     print(f"trained {params / 1e9:.2f}B for {summary['steps']} steps on {summary['ds_config_name']}: {step_s} s/step "
           f"(disk bound {bound['bound_s']:.0f} s), peak {measured / 2**30:.2f} GiB above the process, predicted "
           f"{plan['predicted_peak_bytes'] / 2**30:.2f} GiB, NVMe {nvme_bytes / 2**30:.1f} GiB")

@@ -117,7 +117,7 @@ def locked_beyond_ram(t: Path) -> list:
     from zero_trainer.hardware import physical_memory_bytes
 
     count = physical_memory_bytes() // (2 * 4 * 10**8) + 1  # bf16 buffers of 4e8 elements: more than the RAM
-    return nvme_knobs(param={"buffer_count": int(count), "buffer_size": 4 * 10**8})(t)
+    return nvme_knobs(param={"buffer_count": int(count), "buffer_size": 4 * 10**8}, stage3_max_reuse_distance=0)(t)
 
 
 def tmpfs_dir(t: Path) -> Path:
@@ -245,7 +245,8 @@ CATALOG = {
                                 False),
     "named rung beyond the budget": (lambda t: [*D, "--ds-config", "zero2", "hardware.cpu_mem=0.1"],
                                      ["zero2 does not fit debug", "deepspeed.config=zero2"], False),
-    "only NVMe would fit": (lambda t: [*D, "--ds-config", "auto", "model.preset=minimind-104m", "hardware.cpu_mem=2"],
+    "only NVMe would fit": (lambda t: [*D, "--ds-config", "auto", "model.preset=minimind-104m", "hardware.cpu_mem=2",
+                                       "train.precision=bf16"],
                             ["no ZeRO rung fits", "would fit with NVMe offload", "--nvme-path"], False),
     # the data
     "data path missing": (lambda t: [*D, f"data.path={t / 'corpus.jsonl'}"],

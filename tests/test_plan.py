@@ -400,7 +400,7 @@ def test_committed_calibration_rows_are_within_bound():
     for r in rows:
         assert abs(r["ratio"] - 1) <= cal.BOUND, r
         predicted = cal.predict(r["model"], r["rung"], r["world_size"], r["precision"], r["activation_checkpointing"],
-                                r.get("cpu_mem_bytes"))
+                                r.get("cpu_mem_bytes"), r.get("sized"))
         assert abs(predicted / r["measured_bytes"] - 1) <= cal.BOUND, (r, predicted)
 
 

@@ -243,7 +243,7 @@ def supports_checkpointing(cfg: PretrainedConfig) -> bool:
     """Whether the model class this config builds can recompute activations (gradient_checkpointing_enable)."""
     if isinstance(cfg, ZeroLMConfig):
         return ZeroLMForCausalLM.supports_gradient_checkpointing
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg))
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)] if type(cfg) in MODEL_FOR_CAUSAL_LM_MAPPING else None
     return bool(getattr(cls, "supports_gradient_checkpointing", False))
 
 

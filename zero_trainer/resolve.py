@@ -82,7 +82,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     sizes = param_sizes(model_cfg)
     _check_nvme(recipe, raw, sum(sizes))
     if plan is None:  # a named JSON: its "auto" knobs sized, the whole judged against the hardware
-        plan = plan_recipe(recipe, model_cfg, world_size, ds=(ds_name, raw), can_checkpoint=can_checkpoint)
+        plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint)
     ds_config = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=model_cfg.hidden_size,
                                     output_dir=recipe.output_dir, params=sum(sizes))
     ds_config, _ = fill_sized(ds_config, plan.sized)
