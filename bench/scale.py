@@ -61,7 +61,8 @@ def main() -> int:
     p.add_argument("--ffn", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--untied", action="store_true", help="a separate LM head (+vocab x hidden parameters)")
-    p.add_argument("--steps", type=int, default=3, help="3: the warm-up keeps the lr at 0 for step 1")
+    p.add_argument("--steps", type=int, default=4, help="4: WarmupCosineLR with one warm-up step (DeepSpeed's least) "
+                   "keeps the lr at 0 for steps 1 and 2")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step (a CPU without AVX-512 computes bf16 at "
                    "~1 GFLOP/s: use a few tokens there, so the step measures the swap path, not the matmuls)")
     p.add_argument("--nvme-path", default=str(REPO / "runs" / "scale_nvme"))

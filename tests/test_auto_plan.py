@@ -137,9 +137,9 @@ def test_budget_forces_activation_checkpointing(tmp_path):
     `auto` turns checkpointing on, the run stays inside the budget, and its peak is the predicted one (±15%)."""
     seq, micro = 1024, 2
     shape = plan.model_shape("minimind-26m")
-    rungs = plan.ladder_rungs(shape, plan.Workload(seq, micro, "bf16"), Hardware(1, 1, None, 64 * GiB))
+    rungs = plan.ladder_rungs(shape, plan.Workload(seq, micro, "fp32"), Hardware(1, 1, None, 64 * GiB))
     zero0 = next(r for r in rungs if r.name == "zero0")
-    need = {ac: plan.estimate(shape, zero0, Hardware(1, 1, None, 64 * GiB), plan.Workload(seq, micro, "bf16"),
+    need = {ac: plan.estimate(shape, zero0, Hardware(1, 1, None, 64 * GiB), plan.Workload(seq, micro, "fp32"),
                               ac).cpu_bytes / (1 - plan.SAFETY_MARGIN) for ac in (False, True)}
     assert need[True] < need[False] * 0.9  # the activations matter at this length
     budget = (need[True] + need[False]) / 2

@@ -1,11 +1,13 @@
-"""Every ds_configs JSON also works unchanged in HF Trainer (`TrainingArguments(deepspeed=path)`), 1 rank."""
+"""Every ds_configs JSON also works in HF Trainer (`TrainingArguments(deepspeed=path)`), 1 rank, once
+`zero-trainer plan --write-ds-config` has sized the memory knobs it leaves "auto" for the model (accelerate refuses
+an "auto" it cannot fill; HF fills its own batch, optimizer and bucket autos as before)."""
 
 import json
 import os
 import subprocess
 
 import pytest
-from conftest import BIN, REPO, free_port
+from conftest import BIN, REPO, free_port, run_cli
 
 from zero_trainer.ds_config import DS_CONFIG_DIR, available_ds_configs
 from zero_trainer.ops import remove_shm_buffers
@@ -14,7 +16,15 @@ pytestmark = pytest.mark.multiproc
 
 
 def test_every_ds_config_trains_in_hf_trainer(tmp_path):
-    paths = [str(DS_CONFIG_DIR / f"{name}.json") for name in available_ds_configs()]
+    paths = []
+    for name in available_ds_configs():
+        path = tmp_path / "sized" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        run_cli("plan", "--model", "debug", "--seq-len", "64", "--micro-batch", "4", "--precision", "fp32",
+                "--gpus-per-node", "1", "--nvme", "1", "--ds-config", name, "--write-ds-config", path)
+        sized, shipped = json.loads(path.read_text()), json.loads((DS_CONFIG_DIR / f"{name}.json").read_text())
+        assert sized["train_batch_size"] == shipped["train_batch_size"] == "auto"  # HF's own autos stay
+        paths.append(str(path))
     port = free_port()
     try:
         proc = subprocess.run(

@@ -1,10 +1,12 @@
 """`zero-trainer plan`: a plan shown as a table, as JSON, or as stacked bars. The memory model is plan.py."""
 
 import json
+from pathlib import Path
 
+from .ds_config import fill_sized, load_ds_config
 from .errors import UsageError
 from .hardware import GiB, detect_hardware
-from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, plan_model
+from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, judged, plan_model, sized_rung
 from .recipe import PRECISIONS
 
 
@@ -23,6 +25,11 @@ def add_subcommand(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=1, help="samples per rank per step (default 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision (default bf16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
+                   "chosen rung (a ds_configs name or a path)")
+    p.add_argument("--write-ds-config", metavar="FILE.json", help="write the JSON with every memory knob it leaves "
+                   '"auto" sized for this model and hardware (for HF Trainer / accelerate, which refuse an "auto" '
+                   "they cannot fill; their own batch, optimizer and bucket autos stay)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the candidates as stacked bars")
     p.set_defaults(func=cmd_plan)
 
@@ -36,11 +43,26 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         print(format_table(plan))
+    if args.write_ds_config:
+        write_sized_config(plan, args.ds_config or (plan.chosen.name if plan.chosen else None), args.write_ds_config)
     if plan.chosen is None:
         what = f"no ZeRO rung fits {plan.model.name} on {hw.describe()}"
         flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
         raise UsageError(what, flag, plan.reason)
     return 0
+
+
+def write_sized_config(plan: Plan, name: str | None, path: str) -> None:
+    """The JSON `name` with its "auto" memory knobs filled as the planner sizes them for plan's model and hardware."""
+    if name is None:
+        raise UsageError("nothing to write: no rung fits", "--write-ds-config", "name one with --ds-config")
+    label, raw = load_ds_config(name)
+    rung = sized_rung(label, raw, plan.model, plan.workload, plan.hardware)
+    candidate = judged(plan.model, rung, plan.hardware, plan.workload, plan.activation_checkpointing)
+    filled, sized = fill_sized(raw, candidate.sized)
+    Path(path).write_text(json.dumps(filled, indent=2) + "\n")
+    print(f"wrote {path}: {label} with {len(sized)} knob(s) sized for {plan.model.name}"
+          f"{'' if candidate.fits else ' (it does not fit: ' + candidate.why + ')'}")
 
 
 def format_table(plan: Plan) -> str:
