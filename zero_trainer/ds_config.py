@@ -2,7 +2,9 @@
 
 Nobody else edits config dicts. The "auto" convention is HF Trainer's (transformers/integrations/deepspeed.py):
 an "auto" value is filled from the recipe; an explicit value that contradicts the recipe is an error listing
-every mismatch, so the same JSON file works unchanged here and in `TrainingArguments(deepspeed=path)`.
+every mismatch, so the same JSON file works here and in `TrainingArguments(deepspeed=path)` (there after
+`zero-trainer plan --write-ds-config` has sized the memory knobs it leaves "auto": accelerate refuses an "auto" it
+cannot fill).
 
 `validate_ds_config` checks a JSON with DeepSpeed's own parser (its pydantic models, and which keys it actually
 reads) rather than a list of ours; resolve.py calls it before any process starts and again in every rank.
