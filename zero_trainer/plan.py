@@ -343,9 +343,9 @@ def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, ke
       else 0 (the caller judges both).
     - offload_optimizer (NVMe): buffer_count = the master weights, each optimizer state and the gradient of one
       sub-group at once (PartitionedOptimizerSwapper's required_buffer_count).
-    - pin_memory: while everything pinned stays within PIN_SHARE of the RAM. Also on a CPU-only machine: aio reads
-      and writes page-locked tensors directly, unpinned ones through its few bounce buffers (measured: a
-      minimind-26m NVMe step took 30 s unpinned, 2.3 s pinned).
+    - pin_memory: while everything pinned stays within PIN_SHARE of the RAM, on a CPU-only machine too: there
+      DeepSpeed's pin_memory is a no-op (aio page-locks its own swap buffers whatever the flag), so it costs
+      nothing, and it keeps the value the JSONs had before they were sized.
     - aio.intra_op_parallelism: half a rank's cores (the other half runs the CPU optimizer), 1 to 8.
     """
     zero = ds.get("zero_optimization") or {}
