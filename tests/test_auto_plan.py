@@ -14,18 +14,10 @@ import pytest
 from conftest import REPO, run_cli
 
 from zero_trainer import plan
-from zero_trainer.ds_config import SIZED_KEYS, load_ds_config
+from zero_trainer.ds_config import SIZED_KEYS, auto_keys, load_ds_config
 from zero_trainer.hardware import GiB, Hardware
 
 BOUND = 0.15
-
-
-def _auto_values(node, path=()):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _auto_values(value, path + (key,))
-    elif node == "auto":
-        yield ".".join(path)
 
 
 def _get(ds: dict, dotted: str):
@@ -41,7 +33,7 @@ def _get(ds: dict, dotted: str):
 def test_shipped_json_leaves_every_memory_knob_to_the_planner():
     for name in ("zero3", "zero3_offload", "zero3_offload_optimizer", "zero3_nvme"):
         _, raw = load_ds_config(name)
-        autos = set(_auto_values(raw))
+        autos = set(auto_keys(raw))
         z = "zero_optimization."
         assert {z + "sub_group_size", z + "stage3_max_live_parameters", z + "stage3_max_reuse_distance"} <= autos
         if name == "zero3_nvme":  # aio stays a number: HF Trainer hands "auto" there to DeepSpeed as a string
@@ -95,7 +87,7 @@ def test_sizing_follows_the_hardware_and_the_user_number_wins():
     mine["zero_optimization"]["sub_group_size"] = 12345
     rung = plan.sized_rung("zero3_nvme", mine, shape, workload, Hardware(1, 8, 80 * GiB, 256 * GiB, 2**42))
     assert rung.zero["sub_group_size"] == 12345 and key not in rung.sized
-    assert not list(_auto_values(rung.ds)), list(_auto_values(rung.ds))
+    assert not list(auto_keys(rung.ds)), list(auto_keys(rung.ds))
 
 
 def test_scale_result_meets_the_issue():
@@ -124,7 +116,7 @@ def test_named_rung_runs_with_its_knobs_sized(name, engine_runs):
     """A named rung's "auto" knobs are sized when the run resolves it; summary.json says so."""
     summary = engine_runs[name, 2]
     ds, p = summary["ds_config"], summary["plan"]
-    assert not list(_auto_values(ds)), list(_auto_values(ds))
+    assert not list(auto_keys(ds)), list(auto_keys(ds))
     assert p["rung"] == name and p["activation_checkpointing"] is False and p["predicted_peak_bytes"] > 0
     assert p["sized"] and set(p["sized"]) <= set(SIZED_KEYS)
     for dotted, value in p["sized"].items():

@@ -469,10 +469,11 @@ def _check_batch(raw: dict, cfg, mismatches: list[str], recipe: Recipe, world_si
                          str(source), 'give all of ' + ", ".join(_BATCH_KEYS) + ' as "auto"')
 
 
-def _auto_keys(node, path=()):
+def auto_keys(node, path=()):
+    """The dotted path of every "auto" value left in a config."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from _auto_keys(value, path + (key,))
+            yield from auto_keys(value, path + (key,))
     elif node == "auto":
         yield ".".join(path)
 
@@ -481,7 +482,7 @@ def _check_unfilled_autos(filled: dict, recipe_keys: list[str], source) -> None:
     """An "auto" nothing fills is silently dropped by DeepSpeed (a misspelt key set to "auto" vanishes) or
     reaches it as the string "auto"."""
     fillable = set(recipe_keys) | set(MODEL_AUTO_KEYS) | set(SIZED_KEYS)
-    for dotted in _auto_keys(filled):
+    for dotted in auto_keys(filled):
         if dotted not in fillable:
             fix = did_you_mean(dotted, fillable, 'give a value; "auto" works only where HF Trainer fills it: '
                                + ", ".join(sorted(fillable)), cutoff=0.8)

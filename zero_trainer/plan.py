@@ -255,6 +255,13 @@ KNOB_SHARE = 1 / 8  # of a rank's memory, for what a knob lets DeepSpeed hold be
 PIN_SHARE = 1 / 2  # of a node's RAM that may be page-locked: the OS and the page cache need the rest
 DS_DEFAULT_KNOB = 10**9  # DeepSpeed's default sub group, live parameters and reuse distance; never sized above it
 MIN_AIO_BYTES = 1024**2  # partitions smaller than this (or aio.block_size) stay in RAM (partitioned_param_swapper)
+AIO_BLOCK_SIZE = 1024**2  # DeepSpeed's default aio.block_size
+# DeepSpeed 0.19.8's defaults (zero/config.py, offload_config.py) for a zero_optimization key a JSON leaves out
+ZERO_DEFAULTS = {"stage3_param_persistence_threshold": 10**5, "stage3_prefetch_bucket_size": 5 * 10**7,
+                 "stage3_max_live_parameters": DS_DEFAULT_KNOB, "stage3_max_reuse_distance": DS_DEFAULT_KNOB,
+                 "sub_group_size": DS_DEFAULT_KNOB, "offload_param.buffer_count": 5,
+                 "offload_param.buffer_size": 10**8, "offload_param.max_in_cpu": DS_DEFAULT_KNOB,
+                 "offload_optimizer.buffer_count": 4}
 AIO_ALIGNED_BYTES = 1024
 ADAM_STATES = {"adam": 2, "adamw": 2, "fusedadam": 2, "cpuadam": 2, "lamb": 2, "onebitadam": 2, "zerooneadam": 2,
                "onebitlamb": 2, "lion": 1, "adagrad": 1, "muon": 1, "sgd": 1}
@@ -264,6 +271,12 @@ def optimizer_states(ds: dict) -> int:
     """fp32 tensors the optimizer keeps per parameter besides the master weights (Adam: momentum and variance)."""
     kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower().replace("_", "")
     return ADAM_STATES.get(kind, 2)
+
+
+def optimizer_buffers_needed(ds: dict) -> int:
+    """NVMe optimizer swap buffers one sub-group takes at once: master weights, each state, the gradients
+    (PartitionedOptimizerSwapper's required_buffer_count)."""
+    return 1 + optimizer_states(ds) + 1
 
 
 def partitions(shape: ModelShape, world_size: int) -> list[int]:
@@ -297,12 +310,18 @@ def _window_count(sizes: list[int], budget: int, reach: bool) -> int:
     return best
 
 
+def swapped_tensors(shape: ModelShape, zero: dict, ds: dict, world_size: int, w: int) -> list[int]:
+    """Elements of each tensor ZeRO-Infinity swaps to NVMe, in model order: not persistent (the norms), and a
+    partition of at least one aio block."""
+    persistence = zero_knob(zero, "stage3_param_persistence_threshold")
+    block = max(MIN_AIO_BYTES, _int((ds.get("aio") or {}).get("block_size"), AIO_BLOCK_SIZE))
+    return [n for n in (shape.param_sizes or (shape.largest_param,))
+            if n >= persistence and math.ceil(n / world_size) * w >= block]
+
+
 def swapped_partitions(shape: ModelShape, zero: dict, ds: dict, world_size: int, w: int) -> list[int]:
-    """Partitions ZeRO-Infinity swaps to NVMe: not persistent (norms), and at least one aio block."""
-    persistence = _int(zero.get("stage3_param_persistence_threshold"), 10**5)
-    block = _int((ds.get("aio") or {}).get("block_size"), 1024**2)
-    sizes = [n for n in (shape.param_sizes or (shape.largest_param,)) if n >= persistence]
-    return [p for p in (math.ceil(n / world_size) for n in sizes) if p * w >= max(MIN_AIO_BYTES, block)]
+    """Partitions ZeRO-Infinity swaps to NVMe (see swapped_tensors)."""
+    return [math.ceil(n / world_size) for n in swapped_tensors(shape, zero, ds, world_size, w)]
 
 
 def param_buffers_needed(shape: ModelShape, zero: dict, ds: dict, world_size: int, w: int) -> int:
@@ -310,17 +329,24 @@ def param_buffers_needed(shape: ModelShape, zero: dict, ds: dict, world_size: in
     the tensor in use, the prefetch bucket's (stage3_prefetch_bucket_size, filled until reached), and those kept
     for reuse within stage3_max_reuse_distance (partitioned_param_coordinator.py). Fewer and DeepSpeed asserts
     "Not enough buffers 0 for swapping 1" mid-step."""
-    swapped = swapped_partitions(shape, zero, ds, world_size, w)
-    if not swapped:
+    full = swapped_tensors(shape, zero, ds, world_size, w)
+    if not full:
         return 1
-    full = [n for n in (shape.param_sizes or (shape.largest_param,)) if math.ceil(n / world_size) in swapped]
-    prefetch = _window_count(full, _int(zero.get("stage3_prefetch_bucket_size"), 5 * 10**7), reach=True)
-    kept = _window_count(full, _int(zero.get("stage3_max_reuse_distance"), DS_DEFAULT_KNOB), reach=False)
+    prefetch = _window_count(full, zero_knob(zero, "stage3_prefetch_bucket_size"), reach=True)
+    kept = _window_count(full, zero_knob(zero, "stage3_max_reuse_distance"), reach=False)
     return 1 + prefetch + kept
 
 
 def _int(value, default: int) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def zero_knob(zero: dict, key: str) -> int:
+    """A number from a zero_optimization block (`offload_param.buffer_count` reads a sub-block), or DeepSpeed's
+    default where it is absent (or still "auto")."""
+    *block, leaf = key.split(".")
+    node = (zero.get(block[0]) or {}) if block else zero
+    return _int(node.get(leaf), ZERO_DEFAULTS[key])
 
 
 def _aligned(numel: int, w: int, intra_op: int) -> int:
@@ -360,14 +386,14 @@ def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, ke
     z = "zero_optimization."
     intra_op = max(1, min(8, (os.cpu_count() or 2) // max(1, hw.gpus_per_node) // 2))
     if stage == 3:
-        states = optimizer_states(ds)
         if opt_dev == "nvme":
-            sized[z + "offload_optimizer.buffer_count"] = 1 + states + 1
-            per_elem, home = 4 * (states + 3), ram_rank
+            buffers = optimizer_buffers_needed(ds)
+            sized[z + "offload_optimizer.buffer_count"] = buffers
+            per_elem, home = 4 * (buffers + 1), ram_rank  # the swap buffers and the fp32 gradients
         else:
             per_elem, home = (4 if opt_dev == "cpu" else 4 + w), (ram_rank if opt_dev == "cpu" else dev_rank)
         sized[z + "sub_group_size"] = int(min(DS_DEFAULT_KNOB, max(largest_part, KNOB_SHARE * home // per_elem)))
-        prefetch = _int(zero.get("stage3_prefetch_bucket_size"), 5 * 10**7)
+        prefetch = zero_knob(zero, "stage3_prefetch_bucket_size")
         floor = max(shape.layer_params, shape.largest_param) + prefetch
         live = int(min(DS_DEFAULT_KNOB, max(floor, KNOB_SHARE * dev_rank // w)))
         sized[z + "stage3_max_live_parameters"] = live
@@ -392,7 +418,6 @@ def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, ke
 
 def _pinned_bytes(shape: ModelShape, ds: dict, sized: dict, hw: Hardware, w: int) -> int:
     """Per node: what pin_memory would page-lock (offloaded parameters and optimizer states)."""
-    zero = ds.get("zero_optimization") or {}
     part = math.ceil(shape.params / hw.world_size)
     total = 0
     if offload_device(ds, "optimizer") == "cpu":
@@ -400,8 +425,9 @@ def _pinned_bytes(shape: ModelShape, ds: dict, sized: dict, hw: Hardware, w: int
     if offload_device(ds, "param") == "cpu":
         total += w * part
     if offload_device(ds, "param") == "nvme":
-        total += w * min(part, _int(sized.get("zero_optimization.offload_param.max_in_cpu",
-                                              (zero.get("offload_param") or {}).get("max_in_cpu")), DS_DEFAULT_KNOB))
+        in_cpu = sized.get("zero_optimization.offload_param.max_in_cpu")
+        total += w * min(part, in_cpu if in_cpu is not None else
+                         zero_knob(ds.get("zero_optimization") or {}, "offload_param.max_in_cpu"))
     return total * hw.gpus_per_node
 
 
@@ -485,16 +511,16 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
             cpu["buffers"] = w * shape.largest_param  # temp_grad_buffer_for_cpu_offload (pinned)
         return dev, cpu, nvme
     # stage 3
-    persistence = _int(z.get("stage3_param_persistence_threshold"), 10**5)
-    prefetch = _int(z.get("stage3_prefetch_bucket_size"), 5 * 10**7)
-    max_live = _int(z.get("stage3_max_live_parameters"), DS_DEFAULT_KNOB)
-    reuse = _int(z.get("stage3_max_reuse_distance"), DS_DEFAULT_KNOB)
+    persistence = zero_knob(z, "stage3_param_persistence_threshold")
+    prefetch = zero_knob(z, "stage3_prefetch_bucket_size")
+    max_live = zero_knob(z, "stage3_max_live_parameters")
+    reuse = zero_knob(z, "stage3_max_reuse_distance")
     persistent = shape.norm_params if persistence > shape.hidden else 0
     # A gathered layer is kept until its backward when fewer than stage3_max_reuse_distance parameters are fetched
     # in between (2× the layers after it): the last reuse/2 parameters of the forward stay whole, plus the layer
     # in use and the prefetch bucket, all capped by stage3_max_live_parameters (partitioned_param_coordinator.py).
     gathered = min(max_live, min(P, reuse // 2) + shape.layer_params + prefetch) * w
-    sub_group = largest_sub_group(partitions(shape, N), _int(z.get("sub_group_size"), DS_DEFAULT_KNOB))
+    sub_group = largest_sub_group(partitions(shape, N), zero_knob(z, "sub_group_size"))
     dev["buffers"] = bucket * (2 if overlap else 1) + gathered + persistent * w
     if rung.offload_param == "none":
         dev["params"] = w * part
@@ -508,16 +534,15 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
         cpu["grads"] = w * part + (4 + OFFLOAD_EXTRA) * part
         cpu["optimizer"] = 12 * part
     else:
-        opt, par = z.get("offload_optimizer", {}), z.get("offload_param", {})
         cpu["grads"] = w * part + 4 * sub_group  # the fp32 gradients are swapped out with the optimizer
         # optimizer swap buffers, plus the fp32 master of the sub-group being stepped (measured)
-        cpu["buffers"] = (_int(opt.get("buffer_count"), 4) + 1) * sub_group * 4
+        cpu["buffers"] = (zero_knob(z, "offload_optimizer.buffer_count") + 1) * sub_group * 4
         nvme += 16 * part  # fp32 master, momentum, variance, fp32 gradients
         if rung.offload_param == "nvme":
-            cpu["params"] = min(_int(par.get("max_in_cpu"), DS_DEFAULT_KNOB), part) * w
+            cpu["params"] = min(zero_knob(z, "offload_param.max_in_cpu"), part) * w
             intra = _int((rung.ds.get("aio") or {}).get("intra_op_parallelism"), 1)
-            cpu["buffers"] += _int(par.get("buffer_count"), 5) * _aligned(_int(par.get("buffer_size"), 10**8), w,
-                                                                          intra) * w
+            cpu["buffers"] += zero_knob(z, "offload_param.buffer_count") * _aligned(
+                zero_knob(z, "offload_param.buffer_size"), w, intra) * w
             nvme += w * part
     return dev, cpu, nvme
 
@@ -770,22 +795,21 @@ def check_knobs(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload,
     where = f"zero_optimization in {source}"
     part = math.ceil(shape.params / N)
     if rung.stage == 3 and rung.offload_param == "nvme":
-        par = z.get("offload_param") or {}
         swapped = swapped_partitions(shape, z, rung.ds, N, w)
-        size = _int(par.get("buffer_size"), 10**8)
+        size = zero_knob(z, "offload_param.buffer_size")
         if swapped and size < max(swapped):
             raise UsageError(f"offload_param.buffer_size {size} is smaller than the largest parameter partition it "
                              f"must swap ({max(swapped)} elements)", where,
                              f'set it to at least {max(swapped)}, or "auto" to let the planner size it')
-        count, needed = _int(par.get("buffer_count"), 5), param_buffers_needed(shape, z, rung.ds, N, w)
-        if _int(par.get("max_in_cpu"), DS_DEFAULT_KNOB) < part and count < needed:
+        count, needed = zero_knob(z, "offload_param.buffer_count"), param_buffers_needed(shape, z, rung.ds, N, w)
+        if zero_knob(z, "offload_param.max_in_cpu") < part and count < needed:
             raise UsageError(f"offload_param.buffer_count {count} is too small: the prefetch bucket and the reuse "
-                             f"window (stage3_max_reuse_distance {_int(z.get('stage3_max_reuse_distance'), 10**9)}) "
+                             f"window (stage3_max_reuse_distance {zero_knob(z, 'stage3_max_reuse_distance')}) "
                              f"hold {needed} swapped parameters at once; DeepSpeed would stop mid-step with \"Not "
                              f"enough buffers\"", where,
                              f'set buffer_count >= {needed}, lower stage3_max_reuse_distance, or use "auto" for both')
     if rung.stage == 3 and rung.offload_optimizer == "nvme":
-        count, needed = _int((z.get("offload_optimizer") or {}).get("buffer_count"), 4), optimizer_states(rung.ds) + 2
+        count, needed = zero_knob(z, "offload_optimizer.buffer_count"), optimizer_buffers_needed(rung.ds)
         if count < needed:
             raise UsageError(f"offload_optimizer.buffer_count {count} is too small: one sub-group swaps its master "
                              f"weights, {optimizer_states(rung.ds)} optimizer state(s) and its gradients at once",
