@@ -3,7 +3,7 @@ checkpointing, sized knobs) inside the recipe's `hardware:` budget, and says wha
 
 The real runs: a budget that forces activation checkpointing on minimind-26m at seq_len 1024 (one process of its
 own, so its peak RSS is its own), and every shipped JSON's engine run (conftest.engine_runs), whose knobs were
-left "auto" and sized. The traps DeepSpeed falls into at scale are in test_bad_inputs.py's catalog.
+left out and sized. The traps DeepSpeed falls into at scale are in test_bad_inputs.py's catalog.
 """
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, run_cli
 
 from zero_trainer import plan
-from zero_trainer.ds_config import SIZED_KEYS, auto_keys, load_ds_config
+from zero_trainer.ds_config import SIZED_KEYS, auto_keys, available_ds_configs, load_ds_config
 from zero_trainer.hardware import GiB, Hardware
 
 BOUND = 0.15
@@ -30,14 +30,30 @@ def _get(ds: dict, dotted: str):
 # the plan as data
 
 
-def test_shipped_json_leaves_every_memory_knob_to_the_planner():
-    for name in ("zero3", "zero3_offload", "zero3_offload_optimizer", "zero3_nvme"):
+# The "auto" values accelerate fills (Accelerator._prepare_deepspeed with DummyOptim/DummyScheduler, and the plugin's
+# batch and precision); HF Trainer fills these and more. Any other "auto" makes accelerate raise.
+ACCELERATE_FILLS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping", "optimizer.params.lr", "optimizer.params.weight_decay",
+                    "scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps", "fp16.enabled",
+                    "bf16.enabled", "zero_optimization.reduce_bucket_size",
+                    "zero_optimization.stage3_prefetch_bucket_size",
+                    "zero_optimization.stage3_param_persistence_threshold"}
+
+
+def test_shipped_json_leaves_memory_knobs_out_and_zero_trainer_sizes_them():
+    for name in available_ds_configs():
         _, raw = load_ds_config(name)
-        autos = set(auto_keys(raw))
-        z = "zero_optimization."
-        assert {z + "sub_group_size", z + "stage3_max_live_parameters", z + "stage3_max_reuse_distance"} <= autos
-        if name == "zero3_nvme":  # aio stays a number: HF Trainer hands "auto" there to DeepSpeed as a string
-            assert set(SIZED_KEYS) - autos == {"aio.intra_op_parallelism"}, set(SIZED_KEYS) - autos
+        assert set(auto_keys(raw)) <= ACCELERATE_FILLS, (name, set(auto_keys(raw)) - ACCELERATE_FILLS)
+        assert "betas" not in raw["optimizer"]["params"] and "eps" not in raw["optimizer"]["params"]
+    _, raw = load_ds_config("zero3_nvme")
+    rung = plan.sized_rung("zero3_nvme", raw, plan.model_shape("debug"), plan.Workload(64, 4, "fp32"),
+                           Hardware(1, 1, None, 8 * GiB, 10 * GiB))
+    z = "zero_optimization."
+    assert set(rung.sized) == set(SIZED_KEYS) - {"aio.intra_op_parallelism"}  # aio: the JSON's number stays
+    assert _get(rung.ds, "optimizer.params.betas") == [0.9, 0.95] and _get(rung.ds, "optimizer.params.eps") == 1e-8
+    for key, value in rung.sized.items():
+        assert _get(rung.ds, key) == value, key
+    assert rung.ds["aio"]["intra_op_parallelism"] == 1 and z + "offload_param.buffer_size" in rung.sized
 
 
 def test_3b_on_this_box_plans_zero3_with_sized_knobs():

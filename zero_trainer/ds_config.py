@@ -2,9 +2,10 @@
 
 Nobody else edits config dicts. The "auto" convention is HF Trainer's (transformers/integrations/deepspeed.py):
 an "auto" value is filled from the recipe; an explicit value that contradicts the recipe is an error listing
-every mismatch, so the same JSON file works here and in `TrainingArguments(deepspeed=path)` (there after
-`zero-trainer plan --write-ds-config` has sized the memory knobs it leaves "auto": accelerate refuses an "auto" it
-cannot fill).
+every mismatch. The shipped files use "auto" only where HF Trainer and accelerate fill it too (batch, lr, weight
+decay, clipping, schedule, precision, bucket sizes), so each works unchanged in `TrainingArguments(deepspeed=path)`
+and `accelerate launch --deepspeed_config_file path`. What they leave out is zero_trainer's to fill: Adam's betas and
+eps from the recipe, and the memory knobs (SIZED_KEYS) as the planner sizes them; a number written there stays.
 
 `validate_ds_config` checks a JSON with DeepSpeed's own parser (its pydantic models, and which keys it actually
 reads) rather than a list of ours; resolve.py calls it before any process starts and again in every rank.
@@ -21,7 +22,9 @@ from .recipe import Recipe, nvme_path_for
 from .shipped import DS_CONFIG_DIR
 
 # Used when a user's JSON has no optimizer/scheduler block: the same ones the shipped files carry.
-DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
+# Optimizers whose betas and eps the recipe gives when the JSON leaves them out (accelerate refuses them as "auto").
+_ADAM_TYPES = {"adam", "adamw", "fusedadam", "cpuadam", "onebitadam", "zerooneadam", "lamb", "onebitlamb"}
 DEFAULT_SCHEDULER = {"type": "WarmupCosineLR",
                      "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_min_ratio": 0.0,
                                 "cos_min_ratio": 0.1, "warmup_type": "linear"}}
@@ -119,7 +122,7 @@ MODEL_AUTO_KEYS = ("zero_optimization.reduce_bucket_size", "zero_optimization.st
                    "zero_optimization.stage3_param_persistence_threshold")
 
 
-# Memory knobs a JSON may leave "auto": the planner sizes them for the model and the hardware (plan.size_knobs).
+# Memory knobs a JSON may leave "auto" or out: the planner sizes them for the model and the hardware (plan.size_knobs).
 SIZED_KEYS = tuple("zero_optimization." + k for k in (
     "sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance", "offload_optimizer.buffer_count",
     "offload_optimizer.pin_memory", "offload_param.buffer_count", "offload_param.buffer_size",
@@ -127,7 +130,8 @@ SIZED_KEYS = tuple("zero_optimization." + k for k in (
 
 
 def fill_sized(ds: dict, values: dict) -> tuple[dict, dict]:
-    """A copy of `ds` with each "auto" at a dotted path in `values` filled; returns it and what was filled.
+    """A copy of `ds` with each memory knob that is "auto" or absent set to its value in `values` (dotted path ->
+    value, only the knobs that apply on this rung); returns it and what was set.
 
     A number already there stays (the user's choice wins; plan.check_knobs judges it). An "auto" the planner
     has no value for (a knob that does not apply on this rung) is removed, so DeepSpeed uses its default."""
@@ -137,14 +141,33 @@ def fill_sized(ds: dict, values: dict) -> tuple[dict, dict]:
         *parents, leaf = dotted.split(".")
         node = ds
         for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or node.get(leaf) != "auto":
+            if not isinstance(node, dict):
+                break
+            if dotted in values and part not in node:
+                node[part] = {}
+            node = node.get(part)
+        if not isinstance(node, dict) or node.get(leaf, "auto") != "auto":
             continue
         if dotted in values:
             node[leaf] = filled[dotted] = values[dotted]
         else:
-            del node[leaf]
+            node.pop(leaf, None)
     return ds, filled
+
+
+def for_hf_tools(raw: dict, resolved: dict, sized: dict) -> dict:
+    """`raw` as HF Trainer and accelerate take it unchanged: its memory knobs set as sized, its bucket sizes the
+    numbers `resolved` (the config as zero_trainer runs it) has. "auto" stays only where both tools fill it: batch,
+    learning rate and schedule, weight decay, clipping, precision."""
+    config, _ = fill_sized(raw, sized)
+    for dotted in MODEL_AUTO_KEYS:
+        *parents, leaf = dotted.split(".")
+        node, source = config, resolved
+        for part in parents:
+            node, source = node.get(part) or {}, source.get(part) or {}
+        if node.get(leaf) == "auto" and leaf in source:
+            node[leaf] = source[leaf]
+    return config
 
 
 def fill_from_recipe(ds: dict, recipe: Recipe, *, world_size: int) -> tuple[dict, list[str]]:
@@ -161,6 +184,11 @@ def _recipe_filler(ds: dict, recipe: Recipe, world_size: int) -> _Filler:
     ds = copy.deepcopy(ds)
     train = recipe.train
     ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
+    optimizer = ds["optimizer"] if isinstance(ds["optimizer"], dict) else {}
+    if str(optimizer.get("type", "")).lower().replace("_", "") in _ADAM_TYPES and isinstance(
+            optimizer.get("params", {}), dict):
+        for key in ("betas", "eps"):
+            optimizer.setdefault("params", {}).setdefault(key, "auto")
     ds.setdefault("scheduler", copy.deepcopy(DEFAULT_SCHEDULER))
     precision = train.precision
     ds.setdefault("bf16", {"enabled": "auto"})

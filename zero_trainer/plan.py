@@ -228,7 +228,7 @@ def ladder_rungs(shape: ModelShape, workload: Workload, hw: Hardware) -> list[Ru
 
 def sized_rung(name: str, raw: dict, shape: ModelShape, workload: Workload, hw: Hardware,
                recipe: Recipe | None = None) -> Rung:
-    """A DeepSpeed JSON with the recipe's and the model's "auto" values filled, and every memory knob left "auto"
+    """A DeepSpeed JSON with the recipe's and the model's "auto" values filled, and every memory knob left "auto" or out
     sized for this model on this hardware (`size_knobs`). A number the user wrote stays."""
     if recipe is None:
         recipe = Recipe()
@@ -356,7 +356,7 @@ def _aligned(numel: int, w: int, intra_op: int) -> int:
 
 def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, keep_params_in_cpu: bool) -> dict:
     """A value for every DeepSpeed knob that moves memory on this rung (dotted path -> value), derived from the
-    model's tensors and the memory each buffer lives in. The caller fills only the ones the JSON leaves "auto".
+    model's tensors and the memory each buffer lives in. The caller sets the ones the JSON leaves "auto" or out.
 
     - sub_group_size: the optimizer steps one sub-group at a time and holds it in fp32 (with NVMe, buffer_count
       swap buffers of it): as large as KNOB_SHARE of the memory it lives in allows (large groups step faster),

@@ -1,12 +1,13 @@
 """`zero-trainer plan`: a plan shown as a table, as JSON, or as stacked bars. The memory model is plan.py."""
 
 import json
+import sys
 from pathlib import Path
 
-from .ds_config import fill_sized, load_ds_config
+from .ds_config import for_hf_tools, load_ds_config
 from .errors import UsageError
 from .hardware import GiB, detect_hardware
-from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, judged, plan_model, sized_rung
+from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, make_plan, plan_model, sized_rung
 from .recipe import PRECISIONS
 
 
@@ -27,9 +28,11 @@ def add_subcommand(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
                    "chosen rung (a ds_configs name or a path)")
-    p.add_argument("--write-ds-config", metavar="FILE.json", help="write the JSON with every memory knob it leaves "
-                   '"auto" sized for this model and hardware (for HF Trainer / accelerate, which refuse an "auto" '
-                   "they cannot fill; their own batch, optimizer and bucket autos stay)")
+    p.add_argument("--write-ds-config", metavar="FILE.json", help="write the chosen rung (or --ds-config) for HF "
+                   "Trainer / accelerate: every knob the planner sizes as a number (stage, offload, buckets, stage-3 "
+                   'sizes, swap buffers); "auto" stays only for batch, learning rate, clipping and precision, which '
+                   "those tools fill. Also prints the settings the plan implies for them")
+    p.add_argument("--nvme-path", metavar="DIR", help="with --write-ds-config: the NVMe swap directory to write")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the candidates as stacked bars")
     p.set_defaults(func=cmd_plan)
 
@@ -44,7 +47,8 @@ def cmd_plan(args) -> int:
     else:
         print(format_table(plan))
     if args.write_ds_config:
-        write_sized_config(plan, args.ds_config or (plan.chosen.name if plan.chosen else None), args.write_ds_config)
+        write_sized_config(plan, args.ds_config or (plan.chosen.name if plan.chosen else None), args.write_ds_config,
+                           args.nvme_path, out=sys.stderr if args.json else None)  # stdout: the JSON alone
     if plan.chosen is None:
         what = f"no ZeRO rung fits {plan.model.name} on {hw.describe()}"
         flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
@@ -52,17 +56,41 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def write_sized_config(plan: Plan, name: str | None, path: str) -> None:
-    """The JSON `name` with its "auto" memory knobs filled as the planner sizes them for plan's model and hardware."""
+def write_sized_config(plan: Plan, name: str | None, path: str, nvme_path: str | None = None, out=None) -> None:
+    """The JSON `name` as HF Trainer and accelerate take it: every knob the planner decides written as a number for
+    plan's model and hardware; then what else the plan implies for those tools (to `out`, default stdout)."""
     if name is None:
         raise UsageError("nothing to write: no rung fits", "--write-ds-config", "name one with --ds-config")
     label, raw = load_ds_config(name)
     rung = sized_rung(label, raw, plan.model, plan.workload, plan.hardware)
-    candidate = judged(plan.model, rung, plan.hardware, plan.workload, plan.activation_checkpointing)
-    filled, sized = fill_sized(raw, candidate.sized)
-    Path(path).write_text(json.dumps(filled, indent=2) + "\n")
-    print(f"wrote {path}: {label} with {len(sized)} knob(s) sized for {plan.model.name}"
-          f"{'' if candidate.fits else ' (it does not fit: ' + candidate.why + ')'}")
+    own = make_plan(plan.model, plan.hardware, plan.workload, rungs=[rung])  # with AC only if it needs it
+    candidate = own.chosen or own.candidates[0]
+    config = for_hf_tools(raw, candidate.rung.ds, candidate.sized)
+    if nvme_path:
+        for what in ("optimizer", "param"):
+            block = config.get("zero_optimization", {}).get(f"offload_{what}")
+            if isinstance(block, dict) and block.get("device") == "nvme":
+                block["nvme_path"] = str(Path(nvme_path).resolve())
+    Path(path).write_text(json.dumps(config, indent=2) + "\n")
+    print(f"wrote {path}: {label} sized for {plan.model.name}"
+          f"{'' if candidate.fits else ' (it does not fit: ' + candidate.why + ')'}", file=out)
+    for line in hf_tool_settings(plan, path, candidate.activation_checkpointing):
+        print(line, file=out)
+
+
+def hf_tool_settings(plan: Plan, path: str, checkpointing: bool) -> list[str]:
+    """What the plan implies beyond the JSON, said in each tool's own words."""
+    wl, hw = plan.workload, plan.hardware
+    precision = {"bf16": "bf16=True", "fp16": "fp16=True", "fp32": None}[wl.precision]
+    args = [f'deepspeed="{path}"', f"per_device_train_batch_size={wl.micro_batch}",
+            f"gradient_checkpointing={checkpointing}", *([precision] if precision else [])]
+    launch = ["accelerate launch --use_deepspeed", f"--deepspeed_config_file {path}",
+              f"--num_processes {hw.world_size}", *([f"--num_machines {hw.nodes}"] if hw.nodes > 1 else []),
+              f"--mixed_precision {'no' if wl.precision == 'fp32' else wl.precision}", "train.py"]
+    return [f"HF Trainer: TrainingArguments({', '.join(args)}, ...); sequences of {wl.seq_len} tokens",
+            f"accelerate: {' '.join(launch)}; DataLoader batch_size={wl.micro_batch}, sequences of {wl.seq_len} "
+            "tokens" + ("; model.gradient_checkpointing_enable() before accelerator.prepare" if checkpointing
+                        else "")]
 
 
 def format_table(plan: Plan) -> str:
