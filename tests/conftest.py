@@ -97,6 +97,7 @@ class EngineRuns:
         else:
             for n in ("zero2", "zero3", "zero2_bf16"):
                 named[n] += SAVED
+            named["zero2"].append("train.report_to=[tensorboard,wandb]")  # test_runs reads what rank 0 wrote
         return launch_engines(self.root / f"ws{ws}", ws, named)
 
 
@@ -129,16 +130,19 @@ def fork_run(summary: dict, step: int, out: Path) -> Path:
     return out
 
 
-def launch_ranks(out: Path, ds_config: str, num_procs: int, steps: int = STEPS, resume: bool = False,
-                 overrides=(), recipe: str = "recipes/debug.yaml", launcher: str = "torchrun") -> dict | None:
+def launch_ranks(out: Path, ds_config: str | None, num_procs: int, steps: int = STEPS, resume: bool = False,
+                 overrides=(), recipe: str = "recipes/debug.yaml", launcher: str = "torchrun",
+                 launcher_args=()) -> dict | None:
     """The ranks through a real launcher, without zero-trainer's preflight: they resolve, check and train by
     themselves. launcher: "torchrun" (the lightest: ~6 s a launch less than DeepSpeed's two launcher processes),
     "deepspeed" (`deepspeed --num_gpus N --module zero_trainer.train`), or
-    "two_nodes" (two `deepspeed --hostfile H --no_ssh --node_rank K` launchers on this machine, one rank each).
+    "two_nodes" (two `deepspeed --hostfile H --no_ssh --node_rank K` launchers on this machine, one rank each),
+    "accelerate" (`accelerate launch [launcher_args] --num_processes N -m zero_trainer.train`; add --multi_gpu for
+    more than one process) or "none" (`python -m zero_trainer.train`, one rank). ds_config None: no --ds-config.
     Returns summary.json, or None when the run stopped early. No launcher sweeps /dev/shm afterwards, so this also
     checks every rank released its DeepSpeed shm all-reduce workspace itself."""
     port = free_port()
-    rank_args = ["--recipe", recipe, "--ds-config", ds_config, "--output-dir", str(out),
+    rank_args = ["--recipe", recipe, *(["--ds-config", ds_config] if ds_config else []), "--output-dir", str(out),
                  *(["--resume"] if resume else []), *BASE, f"train.max_steps={steps}", *overrides]
     deepspeed = [str(BIN / "deepspeed"), "--master_port", str(port)]
     if launcher == "torchrun":
@@ -150,14 +154,46 @@ def launch_ranks(out: Path, ds_config: str, num_procs: int, steps: int = STEPS, 
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
         cmds = [[*deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr",
                  "127.0.0.1", "--module", "zero_trainer.train", *rank_args] for k in (0, 1)]
+    elif launcher == "accelerate":
+        cmds = [[str(BIN / "accelerate"), "launch", *launcher_args, "--num_processes", str(num_procs),
+                 "--main_process_port", str(port), "-m", "zero_trainer.train", *rank_args]]
+    elif launcher == "none":
+        assert num_procs == 1
+        cmds = [[sys.executable, "-m", "zero_trainer.train", *rank_args]]
     else:
         cmds = [[*deepspeed, "--num_gpus", str(num_procs), "--module", "zero_trainer.train", *rank_args]]
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "MASTER_PORT": str(port)} if launcher == "none" else None  # the port the shm check reads
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for cmd in cmds]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
     assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return read_summary(out) if (out / "summary.json").exists() else None
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The logged rows of an offline wandb run file (run-ID.wandb): LevelDB-log records of wandb's protobuf
+    Record, after a 7-byte ":W&B" header. wandb 0.31 has no Python reader of its own any more."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, pending, rows = run_file.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, size, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + size], pos + 7 + size
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
 
 
 def read_summary(out: Path) -> dict:

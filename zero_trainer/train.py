@@ -1,8 +1,14 @@
-"""The per-rank entry point. Any launcher runs it with the same flags:
+"""The per-rank entry point. Any launcher runs it with the same flags, and so does no launcher at all:
 
     deepspeed [launcher args] --module zero_trainer.train --recipe recipes/debug.yaml train.max_steps=30
     torchrun --nproc-per-node 2 -m zero_trainer.train --recipe recipes/debug.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m zero_trainer.train --recipe recipes/debug.yaml
+    accelerate launch --use_deepspeed --deepspeed_config_file F.json --num_processes 2 -m zero_trainer.train ...
+    python -m zero_trainer.train --recipe recipes/debug.yaml          (one rank: a debugger, a notebook)
     zero-trainer train --recipe recipes/debug.yaml --num-procs 2     (wraps the deepspeed launcher)
+
+`accelerate launch` hands its own flags to the script as ACCELERATE_* variables; each one is honoured (it sets the
+recipe field it means, as a command-line flag would) or refused with one line, never ignored.
 """
 
 import argparse
@@ -35,13 +41,101 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None):
     return args
 
 
-def recipe_from_args(args):
-    """The recipe after file, overrides and CLI flags — identical in the launcher and in every rank."""
+def recipe_from_args(args, env=None):
+    """The recipe after file, overrides, CLI flags and accelerate's flags — identical in the launcher and in every
+    rank."""
     from .recipe import load_recipe
 
     flags = {field: (getattr(args, flag), f"--{flag.replace('_', '-')}") for flag, field in (
         ("ds_config", "deepspeed.config"), ("output_dir", "output_dir"), ("nvme_path", "deepspeed.nvme_path"))}
+    for field, (value, flag) in accelerate_flags(os.environ if env is None else env).items():
+        given, given_flag = flags.get(field, (None, None))
+        if given is not None and str(given) != str(value):
+            raise UsageError(f"{given_flag} {given} and accelerate's {flag} {value} disagree", flag,
+                             "give the setting once")
+        flags[field] = (value, f"accelerate launch {flag}")
     return load_recipe(args.recipe, args.overrides, flags)
+
+
+# accelerate launch's --zero_stage / --offload_*_device (without a config file) -> the shipped JSON that means it
+ACCELERATE_ZERO = {("0", "none", "none"): "zero0", ("1", "none", "none"): "zero1", ("2", "none", "none"): "zero2",
+                   ("2", "cpu", "none"): "zero2_offload", ("3", "none", "none"): "zero3",
+                   ("3", "cpu", "none"): "zero3_offload_optimizer", ("3", "cpu", "cpu"): "zero3_offload",
+                   ("3", "nvme", "nvme"): "zero3_nvme"}
+
+
+def accelerate_flags(env) -> dict:
+    """Recipe fields set by the flags of an `accelerate launch` that started this process: {field: (value, flag)}.
+
+    accelerate puts them in the environment (accelerate/utils/launch.py). `--mixed_precision no` is also what
+    accelerate writes when the flag is absent, so it leaves train.precision to the recipe."""
+    fields = {}
+    if not any(key.startswith("ACCELERATE_") for key in env):
+        return fields
+
+    def refuse(flag, why, fix):
+        raise UsageError(f"accelerate launch {flag}: {why}", f"accelerate launch {flag}", fix)
+
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed in ("bf16", "fp16"):
+        fields["train.precision"] = (mixed, "--mixed_precision")
+    elif mixed not in ("no", ""):
+        refuse("--mixed_precision", f"{mixed} is not a precision zero_trainer trains in",
+               "use bf16, fp16 or no (no: the recipe's train.precision)")
+    for var, flag in (("ACCELERATE_USE_FSDP", "--use_fsdp"), ("ACCELERATE_USE_MEGATRON_LM", "--use_megatron_lm")):
+        if env.get(var, "").lower() == "true":
+            refuse(flag, "zero_trainer trains through DeepSpeed only", "use --use_deepspeed (or no backend flag)")
+    if env.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", ""):
+        refuse("--dynamo_backend", "torch.compile is not part of a zero_trainer run", "drop --dynamo_backend")
+    if env.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        import torch
+
+        if torch.cuda.is_available():
+            refuse("--cpu", "zero_trainer trains on the GPUs it is given", "drop --cpu or hide the GPUs "
+                   "(CUDA_VISIBLE_DEVICES=)")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return fields
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        fields["deepspeed.config"] = (env["ACCELERATE_DEEPSPEED_CONFIG_FILE"], "--deepspeed_config_file")
+    elif "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+        key = (env["ACCELERATE_DEEPSPEED_ZERO_STAGE"], env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"),
+               env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"))
+        if key not in ACCELERATE_ZERO:
+            refuse("--zero_stage", f"stage {key[0]} with optimizer offload {key[1]} and parameter offload {key[2]} "
+                   "is not a shipped ds_config", "use --deepspeed_config_file FILE.json, or one of: " +
+                   ", ".join(f"--zero_stage {k[0]} --offload_optimizer_device {k[1]} --offload_param_device {k[2]}"
+                             for k in ACCELERATE_ZERO if k[0] == key[0]))
+        fields["deepspeed.config"] = (ACCELERATE_ZERO[key], "--zero_stage")
+    if env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
+        fields["train.grad_accum"] = (_number(env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"], int,
+                                              "--gradient_accumulation_steps"), "--gradient_accumulation_steps")
+    if env.get("ACCELERATE_GRADIENT_CLIPPING"):
+        fields["train.grad_clip"] = (_number(env["ACCELERATE_GRADIENT_CLIPPING"], float, "--gradient_clipping"),
+                                     "--gradient_clipping")
+    if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "false":
+        refuse("--zero3_init_flag false", "zero_trainer always builds a stage-3 model under deepspeed.zero.Init "
+               "(each rank allocates only its shard)", "drop --zero3_init_flag")
+    return fields
+
+
+def _number(text: str, kind, flag: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"accelerate launch {flag} {text} is not a number", f"accelerate launch {flag}",
+                         "give a number") from None
+
+
+def single_rank_environment() -> None:
+    """No launcher (`python -m zero_trainer.train`, a debugger, `accelerate launch` without --multi_gpu): one rank.
+    Without RANK and friends DeepSpeed looks for MPI instead (and dies on the missing mpi4py)."""
+    if any(key in os.environ for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        return
+    from .launch import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def main(argv=None) -> int:
@@ -51,8 +145,13 @@ def main(argv=None) -> int:
     args = parse_with_overrides(parser, argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    single_rank_environment()
     try:
         recipe = recipe_from_args(args)
+        honoured = accelerate_flags(os.environ)
+        if honoured and os.environ.get("RANK") == "0":
+            print("accelerate launch flags honoured: " + ", ".join(
+                f"{flag} {value} -> {field}" for field, (value, flag) in honoured.items()), flush=True)
         from .trainer import run_training
 
         run_training(recipe, resume=args.resume)
