@@ -20,6 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from zero_trainer.errors import UsageError
+from zero_trainer.recipe import load_recipe
+from zero_trainer.resolve import resolve
+
 # --------------------------------------------------------------------------------------------------------
 # inputs
 
@@ -159,6 +163,8 @@ CATALOG = {
                         ["train.activation_checkpointing", "true or false"], False),
     "unknown precision": (lambda t: [*D, "train.precision=fp8"], ["train.precision", "bf16, fp16, fp32"], False),
     "betas of the wrong length": (lambda t: [*D, "train.betas=[0.9]"], ["train.betas"], False),
+    "unknown reporter": (lambda t: [*D, "train.report_to=[tensorboard,mlflow]"],
+                         ["train.report_to", "tensorboard, wandb"], False),
     "preset and config both set": (lambda t: [*D, "model.config=cfg.json"], ["model.preset and model.config"], False),
     # the DeepSpeed JSON as a file
     "unknown ds_config name": (lambda t: [*D, "--ds-config", "zero4"], ["unknown ds_config", "deepspeed.config"],
@@ -356,3 +362,16 @@ def test_catalog_is_large_and_distinct():
     messages = [tuple(expected) for _, expected, _ in CATALOG.values()]
     assert len(set(messages)) == len(messages)
     assert sum(existing for *_, existing in CATALOG.values()) >= 3  # existing output dirs with checkpoints
+
+
+def test_reporter_not_installed_is_one_line_with_the_pip_command(monkeypatch, tmp_path):
+    """train.report_to naming a package this Python lacks: the preflight says which and how to install it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UsageError) as err:
+        resolve(load_recipe("debug", ["train.report_to=[tensorboard,wandb]", f"output_dir={tmp_path / 'x'}"]), 1)
+    line = err.value.line()
+    assert "wandb" in line and "pip install" in line and "train.report_to" in line and "\n" not in line
+    assert not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@ ZeRO is an exact transform of data-parallel Adam, so in fp32 every stage (and CP
 zero0 run's per-step losses.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, STEPS, assert_losses_close, free_port
+from conftest import FAST, REPO, STEPS, assert_losses_close, free_port, wandb_history
 
 from zero_trainer.ds_config import available_ds_configs
 
@@ -51,6 +52,36 @@ def test_metrics_csv_has_a_row_per_step(engine_runs):
         assert column in header
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
     assert (out / "monitor").is_dir()  # DeepSpeed's own csv monitor
+
+
+def test_report_to_tensorboard_and_wandb_carry_metrics_csv(engine_runs):
+    """The 2-rank zero2 run had train.report_to=[tensorboard,wandb]: rank 0 wrote one TensorBoard log and one
+    offline wandb run, with HF Trainer's tag names and metrics.csv's values, and the final eval loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from zero_trainer.metrics import EVAL_TAG, TAGS
+
+    summary = engine_runs["zero2", 2]
+    out = Path(summary["recipe"]["output_dir"])
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    history = wandb_history(runs[0])
+    def same(got: list[tuple], want: list[tuple], what: str):
+        assert [s for s, _ in got] == [s for s, _ in want], what
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), what  # TensorBoard: float32
+
+    for column, tag in TAGS.items():
+        want = [(int(r["step"]), float(r[column])) for r in rows]
+        same([(e.step, e.value) for e in events.Scalars(tag)], want, f"tensorboard {tag}")
+        same([(h["_step"], h[tag]) for h in history if tag in h], want, f"wandb {tag}")
+    final = [(STEPS, summary["eval_loss"])]
+    same([(e.step, e.value) for e in events.Scalars(EVAL_TAG)], final, "tensorboard eval")
+    same([(h["_step"], h[EVAL_TAG]) for h in history if EVAL_TAG in h], final, "wandb eval")
 
 
 def test_bf16_trains(engine_runs):

@@ -1,11 +1,23 @@
-"""Small logging helpers for the loop: metrics.csv, summary.json, the progress bar, memory readings."""
+"""Small logging helpers for the loop: metrics.csv (and TensorBoard / wandb beside it), summary.json, the progress
+bar, memory readings."""
 
 import csv
+import importlib.util
 import json
 import os
 import resource
+from pathlib import Path
 
 import torch
+
+from .errors import UsageError
+
+# metrics.csv column -> the tag HF Trainer gives the same value (TensorBoard and wandb).
+TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
+        "mem_bytes": "train/mem_bytes"}
+EVAL_TAG = "eval/loss"
+_INSTALL = {"tensorboard": "pip install 'zero_trainer[tensorboard]' (or: pip install tensorboard)",
+            "wandb": "pip install 'zero_trainer[wandb]' (or: pip install wandb)"}
 
 
 def current_rss_bytes() -> int:
@@ -24,12 +36,57 @@ def device_memory_bytes() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else current_rss_bytes()
 
 
+def check_reporters(names: list[str]) -> None:
+    """Each of train.report_to is installed (checked before launch: a rank would fail only after the engine)."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"train.report_to names {name}, which is not installed", "train.report_to",
+                             _INSTALL[name])
+
+
+class Reporters:
+    """TensorBoard events under OUT/tensorboard and an offline wandb run under OUT/wandb, with HF's tag names.
+
+    On resume TensorBoard drops the events past the checkpoint (purge_step), as metrics.csv drops its rows."""
+
+    def __init__(self, names: list[str], out: Path, resume_step: int | None = None, config: dict | None = None):
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"),
+                                             purge_step=resume_step + 1 if resume_step is not None else None)
+        if "wandb" in names:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project="zero_trainer", name=out.name, dir=str(out), mode="offline",
+                                    config=config or {})
+
+    def write(self, step: int, values: dict) -> None:
+        """values: tag -> number (None skipped)."""
+        values = {tag: float(_plain(v)) for tag, v in values.items() if v is not None}
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None and values:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 class MetricsLog:
-    """metrics.csv, one row per logged step, flushed at once so a crash keeps what was logged."""
+    """metrics.csv, one row per logged step, flushed at once so a crash keeps what was logged; the same values
+    go to the reporters (train.report_to)."""
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mem_bytes", "eval_loss", "time")
 
-    def __init__(self, path, resume_step: int | None = None):
+    def __init__(self, path, resume_step: int | None = None, reporters: Reporters | None = None):
         kept = []
         if resume_step is not None and os.path.exists(path):
             # rows past the checkpoint were trained again after the resume: keep only the ones before it
@@ -40,10 +97,23 @@ class MetricsLog:
         self.writer.writeheader()
         self.writer.writerows({k: row.get(k, "") for k in self.COLUMNS} for row in kept)
         self.file.flush()
+        self.reporters = reporters
 
     def write(self, row: dict) -> None:
         self.writer.writerow({k: ("" if row.get(k) is None else _plain(row[k])) for k in self.COLUMNS})
         self.file.flush()
+        if self.reporters is not None:
+            self.reporters.write(row["step"], {tag: row.get(key) for key, tag in TAGS.items()})
+
+    def eval(self, step: int, loss: float) -> None:
+        """An evaluation at `step` (the reporters' eval/loss; metrics.csv carries it in the step's row)."""
+        if self.reporters is not None:
+            self.reporters.write(step, {EVAL_TAG: loss})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.reporters is not None:
+            self.reporters.close()
 
 
 def _plain(value):

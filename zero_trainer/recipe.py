@@ -18,6 +18,7 @@ from .errors import UsageError, did_you_mean
 from .shipped import RECIPE_DIR
 
 PRECISIONS = ("bf16", "fp16", "fp32")  # the one list: recipes, `plan --precision` and the planner read it
+REPORTERS = ("tensorboard", "wandb")  # train.report_to, on top of metrics.csv (metrics.py writes them)
 
 # rules: (types, check, hint); checks return True when the value is fine.
 _pos_int = ((int,), lambda v: v >= 1, "a whole number >= 1")
@@ -28,6 +29,8 @@ _opt_str = ((str, type(None)), lambda v: v is None or v.strip() != "", "a non-em
 _str = ((str,), lambda v: v.strip() != "", "a non-empty string")
 _bool = ((bool,), lambda v: True, "true or false")
 _opt_pos_int = ((int, type(None)), lambda v: v is None or v >= 1, "a whole number >= 1 or null")
+_reporters = ((str, list), lambda v: all(isinstance(n, str) and n in (*REPORTERS, "none") for n in (
+    [v] if isinstance(v, str) else v)), "one of " + ", ".join(REPORTERS) + ", a list of them, or none")
 _opt_gib = ((int, float, type(None)), lambda v: v is None or v > 0, "a size in GiB > 0, or null (what the run detects)")
 
 
@@ -77,6 +80,12 @@ class TrainSection:
     save_every: int = _f(0, _nonneg_int)
     keep_last: int = _f(2, _pos_int)
     stop_at_step: int | None = _f(None, _opt_pos_int, "checkpoint and stop here without finishing the schedule")
+    report_to: list = _f([], _reporters, "tensorboard / wandb (offline), or a list: beside metrics.csv, always written")
+
+    @property
+    def reporters(self) -> list[str]:
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [n for n in dict.fromkeys(names) if n != "none"]
 
 
 @dataclass

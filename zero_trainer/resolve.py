@@ -29,6 +29,7 @@ from .ds_config import (
 )
 from .errors import UsageError
 from .hardware import filesystem_type, free_bytes, unwritable_reason
+from .metrics import check_reporters
 from .model import model_config, param_sizes, supports_checkpointing
 from .plan import Plan, plan_recipe
 from .recipe import Recipe
@@ -74,6 +75,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
             raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
                              "use train.precision=bf16 or fp32 on CPU")
     validate_ds_config(raw, recipe, world_size=world_size, source=ds_config_path(name))
+    check_reporters(train.reporters)
     _check_run_dirs(recipe, raw)
     positions = getattr(model_cfg, "max_position_embeddings", None)
     if positions and recipe.data.seq_len > positions:

@@ -204,6 +204,8 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
         state["losses"].append(loss)
         if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
             run.eval_loss = evaluate(run)
+            if log is not None:
+                log.eval(step, run.eval_loss)
         if log is not None and (step % train.log_every == 0 or step == train.max_steps):
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
                    "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
@@ -224,8 +226,9 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     run = Run(recipe, resume)
     stop = StopRequest()
     train, state, is_main = recipe.train, run.state, run.rank == 0
-    log = metrics.MetricsLog(run.out / "metrics.csv", resume_step=state["step"] if resume else None) \
-        if is_main else None
+    resume_step = state["step"] if resume else None
+    log = metrics.MetricsLog(run.out / "metrics.csv", resume_step, metrics.Reporters(
+        train.reporters, run.out, resume_step, recipe.to_dict())) if is_main else None
     bar = metrics.progress_bar(train.max_steps, enabled=is_main, initial=state["step"])
     stop_at = min(train.stop_at_step or train.max_steps, train.max_steps)
     if train_until(run, stop_at, stop, log, bar) or stop_at < train.max_steps:
@@ -233,6 +236,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         if run.saved_step != state["step"]:
             run.save()
         if is_main:
+            log.close()
             print(f"stopped at step {state['step']} of {train.max_steps}: checkpoint saved in "
                   f"{run.out / 'checkpoints'}; continue with --resume", flush=True)
         return None
@@ -240,6 +244,9 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     if train.save_every and run.saved_step != state["step"]:
         run.save()  # the final step is always resumable and exportable
     eval_loss = evaluate(run)
+    if log is not None:
+        log.eval(state["step"], eval_loss)
+        log.close()
     sample = sample_text(run, train.sample_tokens) if train.sample_tokens else ""
     peak = run.max_over_ranks(metrics.peak_memory_bytes())
     losses = state["losses"]
