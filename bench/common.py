@@ -42,7 +42,8 @@ def under_launcher() -> bool:
 
 def relaunch(module: str, args: list[str], num_procs: int = 1) -> int:
     """Run `python -m module --worker args` under DeepSpeed's launcher (1 rank by default)."""
-    from zero_trainer.launch import deepspeed_launcher, free_port
+    from zero_trainer.hardware import free_port
+    from zero_trainer.launch import deepspeed_launcher
     from zero_trainer.ops import remove_shm_buffers
 
     port = free_port()

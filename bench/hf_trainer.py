@@ -50,7 +50,7 @@ def run_zero_trainer(config_dir: Path, out: Path) -> float:
 
 
 def run_hf(config_dir: Path, out: Path) -> float:
-    from zero_trainer.launch import free_port
+    from zero_trainer.hardware import free_port
     from zero_trainer.ops import remove_shm_buffers
 
     port = free_port()

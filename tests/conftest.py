@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from zero_trainer.launch import free_port  # noqa: F401  (tests import it from here)
+from zero_trainer.hardware import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -6,20 +6,13 @@ DeepSpeed is the distributed engine; this module only builds its command and wat
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .hardware import free_port
 from .ops import remove_shm_buffers
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> str:

@@ -131,7 +131,7 @@ def single_rank_environment() -> None:
     Without RANK and friends DeepSpeed looks for MPI instead (and dies on the missing mpi4py)."""
     if any(key in os.environ for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         return
-    from .launch import free_port
+    from .hardware import free_port
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
