@@ -16,7 +16,7 @@ LAYERS = [
     {"plan", "checkpoint"},
     {"resolve"},
     {"trainer", "export"},
-    {"train", "launch", "plan_report", "doctor"},
+    {"train", "launch", "plan_report", "report", "doctor"},
     {"cli"},
     {"__main__"},
 ]
