@@ -7,26 +7,27 @@ The runs compare with conftest.engine_runs (the same debug recipe through torchr
 import subprocess
 
 import pytest
-from conftest import BIN, REPO, assert_losses_close, launch_ranks, run_cli
+from conftest import BIN, REPO, assert_losses_close, launch_ranks
 
 from zero_trainer.errors import UsageError
 from zero_trainer.train import ACCELERATE_ZERO, accelerate_flags
 
-pytestmark = pytest.mark.multiproc
 
-
+@pytest.mark.multiproc
 def test_accelerate_multi_gpu_trains_like_zero_trainer(engine_runs, tmp_path):
     summary = launch_ranks(tmp_path / "acc", "zero2", 2, launcher="accelerate", launcher_args=["--multi_gpu"])
     assert summary["world_size"] == 2 and summary["ds_config_name"] == "zero2"
     assert_losses_close(summary["losses"], engine_runs["zero2", 2]["losses"], 1e-5)
 
 
+@pytest.mark.multiproc
 def test_no_launcher_trains_one_rank(engine_runs, tmp_path):
     summary = launch_ranks(tmp_path / "plain", "zero2", 1, launcher="none")
     assert summary["world_size"] == 1
     assert_losses_close(summary["losses"], engine_runs["zero2", 1]["losses"], 1e-5)
 
 
+@pytest.mark.multiproc
 def test_accelerate_single_process_honours_mixed_precision(engine_runs, tmp_path):
     """Without --multi_gpu accelerate starts one plain process; its --mixed_precision sets train.precision (the
     recipe overrides said fp32)."""
@@ -37,6 +38,7 @@ def test_accelerate_single_process_honours_mixed_precision(engine_runs, tmp_path
     assert_losses_close(summary["losses"], engine_runs["zero2_bf16", 1]["losses"], 1e-5)
 
 
+@pytest.mark.multiproc
 def test_accelerate_deepspeed_config_file_is_the_ds_config(engine_runs, tmp_path):
     summary = launch_ranks(tmp_path / "z3", None, 2, launcher="accelerate", launcher_args=[
         "--use_deepspeed", "--deepspeed_config_file", str(REPO / "ds_configs" / "zero3.json")])
@@ -44,6 +46,7 @@ def test_accelerate_deepspeed_config_file_is_the_ds_config(engine_runs, tmp_path
     assert_losses_close(summary["losses"], engine_runs["zero3", 2]["losses"], 1e-5)
 
 
+@pytest.mark.multiproc
 def test_accelerate_flag_refused_in_one_line(tmp_path):
     """A real `accelerate launch` with a flag zero_trainer cannot honour: the rank stops with one line, before
     anything is built."""
@@ -93,11 +96,14 @@ def test_accelerate_flags_refused(env, flag):
     assert flag in err.value.line() and "\n" not in err.value.line()
 
 
-def test_ds_config_given_twice_disagreeing_is_refused(tmp_path):
-    """--ds-config and accelerate's --deepspeed_config_file naming different files: one line from the preflight."""
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero3.json"}
-    proc = run_cli("train", "--recipe", "debug", "--ds-config", "zero2", "--output-dir", tmp_path / "x", check=False,
-                   env=env)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "--deepspeed_config_file" in proc.stderr and "--ds-config" in proc.stderr
+def test_ds_config_given_twice_disagreeing_is_refused(tmp_path, monkeypatch):
+    """--ds-config and accelerate's --deepspeed_config_file naming different files: one line from the preflight
+    (`zero-trainer train` in this process, its environment as accelerate would set it)."""
+    from test_bad_inputs import run_in_process
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero3.json")
+    code, _, stderr = run_in_process(["--recipe", "debug", "--ds-config", "zero2", "--output-dir", str(tmp_path / "x")])
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "--deepspeed_config_file" in stderr and "--ds-config" in stderr
     assert not (tmp_path / "x").exists()
