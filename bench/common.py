@@ -36,6 +36,21 @@ def median(values) -> float:
     return statistics.median(values)
 
 
+def ratio_ci95(a: list[float], b: list[float], resamples: int = 4000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of median(a) / median(b) where a[i] and b[i] were measured together (one round or
+    one pair of launches): whole pairs are resampled, so what drifts between pairs cancels out."""
+    import random
+
+    assert len(a) == len(b) and a, "paired samples"
+    rng, n = random.Random(seed), len(a)
+    ratios = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(median([a[i] for i in idx]) / median([b[i] for i in idx]))
+    ratios.sort()
+    return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
+
+
 def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 

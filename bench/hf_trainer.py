@@ -3,9 +3,11 @@
 The model is transformers' own LlamaForCausalLM (the class `zero-trainer export` produces), given to both as
 a local config.json. Both log every step. Steady-state tokens/s = tokens of steps WARMUP+1..STEPS divided by
 the wall time between those steps' ends (zero_trainer: metrics.csv `time`; HF: a callback's on_step_end).
-The arms alternate A/B/A/B/A/B as separate launches; the median of each is reported.
+Each launch trains STEPS steps (a steady window of ~20 s: 35-step windows of ~4 s swung 7.8k-11.7k tokens/s from
+launch to launch). The arms run as PAIRS pairs of launches, in ABBA order across pairs; `ratio` = median zero_trainer /
+median HF, `ratio_ci95` a bootstrap over whole pairs (bench.common.ratio_ci95).
 
-    python -m bench.hf_trainer          # writes bench/results/hf_trainer.json and prints a table
+    python -m bench.hf_trainer [--pairs N]   # writes bench/results/hf_trainer.json and prints a table
 """
 
 import json
@@ -15,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STEPS, WARMUP, REPS = 40, 5, 5
+STEPS, WARMUP, PAIRS = 200, 10, 6
 DS_CONFIG = "zero2"
 SEQ, MICRO = 128, 8
 COMMON = [f"train.max_steps={STEPS}", "train.precision=fp32", f"data.seq_len={SEQ}", f"train.micro_batch={MICRO}",
@@ -94,7 +96,11 @@ def hf_worker(config_dir: str, out: str) -> None:
 
     train = recipe.train
     torch.manual_seed(train.seed)
-    args = TrainingArguments(output_dir=out, deepspeed=str(DS_CONFIG_DIR / f"{DS_CONFIG}.json"), max_steps=STEPS,
+    # The shipped JSON leaves Adam's betas/eps to the trainer: "auto" here so HF takes them from its arguments
+    # (the recipe's), as zero_trainer takes them from the recipe.
+    ds = json.loads((DS_CONFIG_DIR / f"{DS_CONFIG}.json").read_text())
+    ds["optimizer"]["params"].update(betas="auto", eps="auto")
+    args = TrainingArguments(output_dir=out, deepspeed=ds, max_steps=STEPS, adam_epsilon=train.eps,
                              per_device_train_batch_size=MICRO, learning_rate=train.lr,
                              warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
                              adam_beta1=train.betas[0], adam_beta2=train.betas[1], max_grad_norm=1.0,
@@ -150,30 +156,34 @@ def main() -> int:
         i = sys.argv.index("--worker-hf")
         hf_worker(sys.argv[i + 1], sys.argv[i + 2])
         return 0
-    from bench.common import median, table, write_result
+    from bench.common import median, ratio_ci95, table, write_result
 
+    pairs = int(sys.argv[sys.argv.index("--pairs") + 1]) if "--pairs" in sys.argv else PAIRS
     tps = {"zero_trainer": [], "hf_trainer": []}
+    arms = {"zero_trainer": run_zero_trainer, "hf_trainer": run_hf}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config_dir = llama_config_dir(workdir)
-        for rep in range(REPS):
-            tps["zero_trainer"].append(run_zero_trainer(config_dir, workdir / f"zt{rep}"))
-            tps["hf_trainer"].append(run_hf(config_dir, workdir / f"hf{rep}"))
-        losses = {"zero_trainer": json.loads((workdir / "zt0" / "losses.json").read_text()),
+        for rep in range(pairs):
+            for name in (("zero_trainer", "hf_trainer") if rep % 2 == 0 else ("hf_trainer", "zero_trainer")):
+                tps[name].append(arms[name](config_dir, workdir / f"{name[:2]}{rep}"))
+        losses = {"zero_trainer": json.loads((workdir / "ze0" / "losses.json").read_text()),
                   "hf_trainer": json.loads((workdir / "hf0" / "hf_losses.json").read_text())}
-        differences = config_differences(json.loads((workdir / "zt0" / "summary.json").read_text())["ds_config"],
+        differences = config_differences(json.loads((workdir / "ze0" / "summary.json").read_text())["ds_config"],
                                          json.loads((workdir / "hf0" / "hf_ds_config.json").read_text()))
     medians = {k: median(v) for k, v in tps.items()}
     ratio = medians["zero_trainer"] / medians["hf_trainer"]
+    ci = ratio_ci95(tps["zero_trainer"], tps["hf_trainer"])
     write_result("hf_trainer", {
-        "ratio": ratio, "goal": 1.1, "ds_config": DS_CONFIG, "model": "LlamaForCausalLM (debug shape)",
-        "seq_len": SEQ, "micro_batch": MICRO, "steps": STEPS, "warmup_steps_excluded": WARMUP, "reps": REPS,
+        "ratio": ratio, "ratio_ci95": ci, "goal": 1.1, "ds_config": DS_CONFIG,
+        "model": "LlamaForCausalLM (debug shape)", "seq_len": SEQ, "micro_batch": MICRO, "steps": STEPS,
+        "warmup_steps_excluded": WARMUP, "pairs": pairs, "order": "ABBA",
         "tokens_per_s": medians, "tokens_per_s_all": tps, "threads": os.cpu_count(), "losses_first_rep": losses,
         "ds_config_differences": differences})
     plot_losses(losses)
     print(table([{"arm": k, "median tok/s": f"{medians[k]:.0f}", "all": " ".join(f"{x:.0f}" for x in v)}
                  for k, v in tps.items()], ["arm", "median tok/s", "all"]))
-    print(f"ratio zero_trainer / HF Trainer = {ratio:.3f} (goal >= 1.1)")
+    print(f"ratio zero_trainer / HF Trainer = {ratio:.3f} [95% CI {ci[0]:.3f}, {ci[1]:.3f}] (goal >= 1.1)")
     return 0
 
 

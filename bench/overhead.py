@@ -1,48 +1,84 @@
-"""overhead: zero_trainer's training loop vs a hand-written raw DeepSpeed loop vs plain PyTorch AdamW.
+"""overhead: zero_trainer's training loop vs a hand-written raw DeepSpeed loop (and plain PyTorch AdamW).
 
-One rank, one process, the same model (minimind-26m, fp32), the same resolved JSON and the same token
-tensors. After a warm-up the three arms take turns one optimizer step at a time (A/B/C, the order rotating
-each round), REPS rounds; tokens/s = tokens a step / the arm's median step time. Single-step turns keep the
-machine's drift out of the comparison: on this shared 2-core VM, 4-step chunks gave ratios from 0.93 to 1.11
-for the same code. `ratio` = zero_trainer / raw DeepSpeed, the lower of the zero0 and zero3 values.
+One rank, one process, the same model (minimind-26m, fp32, seq 128 × micro batch 4), the same resolved JSON. After
+a warm-up, ROUNDS rounds of four single steps in ABBA order (zero_trainer, raw, raw, zero_trainer; the next round
+BAAB): each round gives both arms two steps taken within a few seconds of each other, so the machine's drift (step
+times swing 1.5× over minutes on this VM) hits both alike. `ratio` per row = median raw step time / median
+zero_trainer step time, with `ratio_ci95` a bootstrap over whole rounds (bench.common.ratio_ci95). The committed
+`ratio` is the lower of zero0 and zero3. PyTorch AdamW is timed after the rounds, alternating with raw DeepSpeed
+(`ratio_vs_pytorch`, informative). `loop_ms` times, call by call, everything the loop does besides the engine's
+forward/backward/step (N calls each), so the loop's own cost per step is a sum of measured parts, not a difference
+of two noisy step times.
 
-    python -m bench.overhead            # writes bench/results/overhead.json and prints a table
+    python -m bench.overhead [--rounds N]   # writes bench/results/overhead.json and prints a table
 """
 
 import sys
 import tempfile
 import time
 
-STEPS, REPS, WARMUP = 1, 21, 3
+ROUNDS, WARMUP, PYTORCH_STEPS, CALLS = 40, 3, 8, 200
 CONFIGS = ("zero0", "zero3")
-OVERRIDES = ["model.preset=minimind-26m", "train.precision=fp32", "data.seq_len=256", "train.micro_batch=4",
+SEQ, MICRO = 128, 4
+OVERRIDES = ["model.preset=minimind-26m", "train.precision=fp32", f"data.seq_len={SEQ}", f"train.micro_batch={MICRO}",
              "train.grad_accum=1", "train.eval_every=0", "train.sample_tokens=0", "train.save_every=0",
-             "train.max_steps=1000", "data.max_documents=400", "train.log_every=1"]
+             "train.max_steps=100000", "data.max_documents=400", "train.log_every=1"]
 
 
-def raw_deepspeed_steps(engine, batches):
-    for x in batches:
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
-        engine.step()
+def raw_deepspeed_step(engine, x):
+    loss = engine(input_ids=x, labels=x).loss
+    engine.backward(loss)
+    engine.step()
 
 
-def pytorch_steps(model, optimizer, batches, clip):
+def pytorch_step(model, optimizer, x, clip):
     import torch
 
-    for x in batches:
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def measure(ds_name: str, workdir: str) -> dict:
+def loop_costs(run, log) -> dict:
+    """Milliseconds per call of each thing train_until does around train_step, CALLS calls each."""
+    import os
+
+    from tqdm import tqdm
+
+    from zero_trainer import metrics
+
+    row = {"step": 1, "loss": 7.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e3, "step_s": 0.5,
+           "mem_bytes": 1 << 30, "eval_loss": None, "time": time.time()}
+    devnull = open(os.devnull, "w")
+    bar = tqdm(total=10**9, file=devnull, mininterval=1.0, dynamic_ncols=True)  # rank 0's bar, drawn nowhere
+    parts = {
+        "all_reduce of loss and stop flag": lambda: run.reduce_over_ranks([7.0, 0.0]),
+        "engine.get_lr": run.engine.get_lr,
+        "engine.get_global_grad_norm": run.engine.get_global_grad_norm,
+        "memory probe (/proc/self/statm)": metrics.device_memory_bytes,
+        "metrics.csv row (written, flushed)": lambda: log.write(row),
+        "progress bar update": lambda: (bar.set_postfix(metrics.bar_fields(row), refresh=False), bar.update(1)),
+        "batch building (sampler, numpy -> tensor)": lambda: run.batch(run.data.train,
+                                                                       run.sampler.indices_at(0)),
+    }
+    costs = {}
+    for name, call in parts.items():
+        t = time.perf_counter()
+        for _ in range(CALLS):
+            call()
+        costs[name] = (time.perf_counter() - t) / CALLS * 1e3
+    bar.close()
+    devnull.close()
+    return costs
+
+
+def measure(ds_name: str, workdir: str, rounds: int) -> dict:
     import deepspeed
     import torch
 
-    from bench.common import median
+    from bench.common import median, ratio_ci95
     from zero_trainer import metrics
     from zero_trainer.data import BatchSampler
     from zero_trainer.model import build_model
@@ -56,7 +92,7 @@ def measure(ds_name: str, workdir: str) -> dict:
     stop, bar = StopRequest(), metrics.progress_bar(train.max_steps, enabled=False)
     log = metrics.MetricsLog(run.out / "metrics.csv")
     sampler = BatchSampler(len(run.data.train), train.micro_batch, 0, 1, train.seed)
-    batches = [run.batch(run.data.train, sampler.indices(k)) for k in range(STEPS)]
+    x = run.batch(run.data.train, sampler.indices(0))
 
     model = build_initialized_model(run.model_cfg, run.ds_config, train.seed)
     raw, *_ = deepspeed.initialize(model=model, config=run.ds_config, model_parameters=list(model.parameters()))
@@ -65,54 +101,75 @@ def measure(ds_name: str, workdir: str) -> dict:
     optimizer = torch.optim.AdamW(plain.parameters(), lr=train.lr, betas=tuple(train.betas),
                                   eps=train.eps, weight_decay=train.weight_decay)
     arms = {
-        "zero_trainer": lambda n: train_until(run, run.state["step"] + n, stop, log, bar),
-        "raw_deepspeed": lambda n: raw_deepspeed_steps(raw, batches[:n]),
-        "pytorch_adamw": lambda n: pytorch_steps(plain, optimizer, batches[:n], train.grad_clip),
+        "zero_trainer": lambda: train_until(run, run.state["step"] + 1, stop, log, bar),
+        "raw_deepspeed": lambda: raw_deepspeed_step(raw, x),
+        "pytorch_adamw": lambda: pytorch_step(plain, optimizer, x, train.grad_clip),
     }
-    for arm in arms.values():
-        arm(WARMUP)
-    times = {name: [] for name in arms}
-    order = list(arms)
-    for rep in range(REPS):
-        for name in order[rep % len(order):] + order[: rep % len(order)]:
-            t = time.perf_counter()
-            arms[name](STEPS)
-            times[name].append(time.perf_counter() - t)
-    tokens = STEPS * run.tokens_per_step
-    tps = {name: tokens / median(t) for name, t in times.items()}
-    return {"ds_config": ds_name, "params": run.params, "tokens_per_step": run.tokens_per_step,
-            "tokens_per_s": tps, "step_s": {n: t for n, t in times.items()},
-            "ratio_vs_raw_deepspeed": tps["zero_trainer"] / tps["raw_deepspeed"],
-            "ratio_vs_pytorch": tps["zero_trainer"] / tps["pytorch_adamw"]}
+
+    def timed(name: str) -> float:
+        t = time.perf_counter()
+        arms[name]()
+        return time.perf_counter() - t
+
+    for name in arms:
+        for _ in range(WARMUP):
+            arms[name]()
+    step_s = {"zero_trainer": [], "raw_deepspeed": []}
+    for r in range(rounds):
+        a, b = ("zero_trainer", "raw_deepspeed") if r % 2 == 0 else ("raw_deepspeed", "zero_trainer")
+        ta1, tb1, tb2, ta2 = timed(a), timed(b), timed(b), timed(a)
+        step_s[a].append((ta1 + ta2) / 2)
+        step_s[b].append((tb1 + tb2) / 2)
+    torch_s = {"pytorch_adamw": [], "raw_deepspeed": []}
+    for _ in range(PYTORCH_STEPS):
+        for name in torch_s:
+            torch_s[name].append(timed(name))
+    costs = loop_costs(run, log)
+    zt, raw_t = median(step_s["zero_trainer"]), median(step_s["raw_deepspeed"])
+    tokens = run.tokens_per_step
+    return {"ds_config": ds_name, "params": run.params, "tokens_per_step": tokens, "rounds": rounds,
+            "tokens_per_s": {"zero_trainer": tokens / zt, "raw_deepspeed": tokens / raw_t,
+                             "pytorch_adamw": tokens / median(torch_s["pytorch_adamw"])},
+            "ratio": raw_t / zt, "ratio_ci95": ratio_ci95(step_s["raw_deepspeed"], step_s["zero_trainer"]),
+            "ratio_vs_pytorch": median(torch_s["pytorch_adamw"]) / median(torch_s["raw_deepspeed"]) * raw_t / zt,
+            "loop_ms": costs, "loop_ms_total": sum(costs.values()),
+            "loop_share_of_step": sum(costs.values()) / 1e3 / zt,
+            "step_s": step_s, "pytorch_block_step_s": torch_s}
 
 
-def worker() -> None:
+def worker(rounds: int) -> None:
     from bench.common import write_result
 
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [measure(name, workdir) for name in CONFIGS]
-    ratio = min(r["ratio_vs_raw_deepspeed"] for r in rows)
-    write_result("overhead", {"ratio": ratio, "goal": 0.98, "steps_per_rep": STEPS, "reps": REPS,
-                              "model": "minimind-26m", "precision": "fp32", "world_size": 1, "rows": rows})
+        rows = [measure(name, workdir, rounds) for name in CONFIGS]
+    lowest = min(rows, key=lambda r: r["ratio"])
+    write_result("overhead", {"ratio": lowest["ratio"], "ratio_ci95": lowest["ratio_ci95"], "goal": 0.98,
+                              "rounds": rounds, "order": "ABBA", "model": "minimind-26m", "precision": "fp32",
+                              "seq_len": SEQ, "micro_batch": MICRO, "world_size": 1, "rows": rows})
 
 
 def main() -> int:
     from bench.common import RESULTS, relaunch, table, under_launcher
 
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else ROUNDS
     if "--worker" in sys.argv or under_launcher():
-        worker()
+        worker(rounds)
         return 0
-    code = relaunch("bench.overhead", [])
+    code = relaunch("bench.overhead", ["--rounds", str(rounds)])
     if code:
         return code
     import json
 
     result = json.loads((RESULTS / "overhead.json").read_text())
     rows = [{"ds_config": r["ds_config"], **{f"{k} tok/s": f"{v:.0f}" for k, v in r["tokens_per_s"].items()},
-             "ratio vs raw DS": f"{r['ratio_vs_raw_deepspeed']:.3f}", "vs PyTorch": f"{r['ratio_vs_pytorch']:.3f}"}
-            for r in result["rows"]]
+             "ratio vs raw DS [95% CI]": f"{r['ratio']:.3f} [{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]",
+             "vs PyTorch": f"{r['ratio_vs_pytorch']:.3f}",
+             "loop ms/step": f"{r['loop_ms_total']:.2f} ({r['loop_share_of_step']:.2%})"} for r in result["rows"]]
     print(table(rows, list(rows[0])))
-    print(f"ratio (min over configs) = {result['ratio']:.3f} (goal >= {result['goal']})")
+    for r in result["rows"]:
+        print(f"{r['ds_config']} loop, ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in r["loop_ms"].items()))
+    lo, hi = result["ratio_ci95"]
+    print(f"ratio (min over configs) = {result['ratio']:.3f} [{lo:.3f}, {hi:.3f}] (goal >= {result['goal']})")
     return 0
 
 
