@@ -31,3 +31,15 @@ def test_hf_bench_reports_config_differences_but_not_the_monitor():
             "steps_per_print": 10**9}
     hf = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 16384}, "steps_per_print": float("inf")}
     assert config_differences(ours, hf) == {"zero_optimization.reduce_bucket_size": [1_000_000, 16384]}
+
+
+def test_ratio_ci95_is_paired():
+    """Pairs drift together (a slow round is slow for both arms): the interval sees the ratio, not the drift."""
+    from bench.common import ratio_ci95
+
+    drift = [1.0, 1.6, 1.2, 2.0, 1.1, 1.4, 1.8, 1.3]
+    lo, hi = ratio_ci95([1.1 * d for d in drift], drift)
+    assert lo == pytest.approx(1.1) and hi == pytest.approx(1.1)
+    noisy = [d * (1 + 0.05 * (-1) ** i) for i, d in enumerate(drift)]
+    lo, hi = ratio_ci95(noisy, drift)
+    assert lo < 1.0 < hi and hi - lo < 0.15
