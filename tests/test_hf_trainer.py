@@ -10,20 +10,21 @@ import subprocess
 
 import pytest
 from conftest import BIN, REPO, free_port, run_cli
+from test_auto_plan import ACCELERATE_FILLS, _get
 
-from zero_trainer.ds_config import DS_CONFIG_DIR, SIZED_KEYS, auto_keys, available_ds_configs, zero_stage
+from zero_trainer.ds_config import (
+    DS_CONFIG_DIR,
+    MODEL_AUTO_KEYS,
+    SIZED_KEYS,
+    auto_keys,
+    available_ds_configs,
+    zero_stage,
+)
 from zero_trainer.ops import remove_shm_buffers
 
-# "auto" both tools fill: batch, learning rate and schedule, weight decay, clipping, precision.
-TOOL_FILLED = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "gradient_clipping", "optimizer.params.lr", "optimizer.params.weight_decay",
-               "scheduler.params.total_num_steps", "scheduler.params.warmup_num_steps", "fp16.enabled", "bf16.enabled"}
-
-
-def _get(ds: dict, dotted: str):
-    for part in dotted.split("."):
-        ds = ds[part]
-    return ds
+# "auto" both tools fill: batch, learning rate and schedule, weight decay, clipping, precision (the shipped files also
+# leave the hidden-size bucket sizes to them; a written file has numbers there).
+TOOL_FILLED = ACCELERATE_FILLS - set(MODEL_AUTO_KEYS)
 
 
 def _results(proc) -> dict:

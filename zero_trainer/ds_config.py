@@ -170,6 +170,14 @@ def for_hf_tools(raw: dict, resolved: dict, sized: dict) -> dict:
     return config
 
 
+def set_nvme_path(ds: dict, path: str) -> None:
+    """Point every NVMe offload block of `ds` (in place) at `path`, made absolute."""
+    for what in ("optimizer", "param"):
+        block = (ds.get("zero_optimization") or {}).get(f"offload_{what}")
+        if isinstance(block, dict) and block.get("device") == "nvme":
+            block["nvme_path"] = str(Path(path).resolve())
+
+
 def fill_from_recipe(ds: dict, recipe: Recipe, *, world_size: int) -> tuple[dict, list[str]]:
     """A copy of `ds` with the recipe's "auto" values filled, and the explicit values that contradict it.
 
@@ -239,12 +247,9 @@ def resolve_auto_values(ds: dict, recipe: Recipe, *, world_size: int, hidden_siz
     f.fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size, "model.hidden_size",
            must_match=False)
 
-    zero = ds.get("zero_optimization", {})
     swap = nvme_path_for(output_dir, recipe.deepspeed.nvme_path) if output_dir else recipe.deepspeed.nvme_path
-    for what in ("optimizer", "param"):
-        block = zero.get(f"offload_{what}")
-        if block and block.get("device") == "nvme" and swap:
-            block["nvme_path"] = str(Path(swap).resolve())
+    if swap:
+        set_nvme_path(ds, swap)
 
     if output_dir:
         ds["csv_monitor"] = {"enabled": True, "output_path": str(Path(output_dir).resolve() / "monitor"),

@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from .ds_config import for_hf_tools, load_ds_config
+from .ds_config import for_hf_tools, load_ds_config, set_nvme_path
 from .errors import UsageError
 from .hardware import GiB, detect_hardware
 from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, make_plan, plan_model, sized_rung
@@ -67,10 +67,7 @@ def write_sized_config(plan: Plan, name: str | None, path: str, nvme_path: str |
     candidate = own.chosen or own.candidates[0]
     config = for_hf_tools(raw, candidate.rung.ds, candidate.sized)
     if nvme_path:
-        for what in ("optimizer", "param"):
-            block = config.get("zero_optimization", {}).get(f"offload_{what}")
-            if isinstance(block, dict) and block.get("device") == "nvme":
-                block["nvme_path"] = str(Path(nvme_path).resolve())
+        set_nvme_path(config, nvme_path)
     Path(path).write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {path}: {label} sized for {plan.model.name}"
           f"{'' if candidate.fits else ' (it does not fit: ' + candidate.why + ')'}", file=out)

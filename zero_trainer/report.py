@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from .errors import UsageError
+from .hardware import GiB
 
 
 def add_subcommand(sub) -> None:
@@ -88,7 +89,7 @@ def draw(runs: list[dict], out: Path) -> None:
         mem_ax.plot(steps, [_gib(row.get("mem_bytes")) for row in rows], lw=1.0, color=color, label=name)
         peak = r["summary"].get("peak_mem_bytes")
         if peak:
-            mem_ax.axhline(peak / 2**30, color=color, ls=":", lw=0.8)
+            mem_ax.axhline(peak / GiB, color=color, ls=":", lw=0.8)
     for ax, title, unit in ((loss_ax, "train loss", "loss"), (eval_ax, "eval loss", "loss"),
                             (speed_ax, "throughput", "tokens/s"), (mem_ax, "memory per rank (dotted: peak)", "GiB")):
         ax.set_title(title, fontsize=10)
@@ -118,4 +119,4 @@ def _eval_points(rows: list[dict], summary: dict) -> list[tuple]:
 
 
 def _gib(value):
-    return None if value is None else value / 2**30
+    return None if value is None else value / GiB
