@@ -96,6 +96,21 @@ class DeepSpeedSection:
 
 
 @dataclass
+class ParallelSection:
+    """Model parallelism inside the data-parallel ZeRO run: world size = dp x tp x sp. A TP or SP group sees one
+    batch; SP splits its sequence."""
+    tp: int = _f(1, _pos_int, "tensor parallel degree: DeepSpeed AutoTP shards attention and MLP projections")
+    sp: int = _f(1, _pos_int, "sequence parallel degree: DeepSpeed Ulysses splits each sequence over sp ranks")
+    tiled_mlp: bool = _f(False, _bool, "DeepSpeed's TiledMLP: the MLP runs over sequence tiles (long context)")
+    tiled_loss: bool = _f(False, _bool, "the loss head runs over sequence tiles: no full logits tensor")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that share one batch: world size / model_parallel = data-parallel degree."""
+        return self.tp * self.sp
+
+
+@dataclass
 class HardwareSection:
     """A memory budget in GiB, meaning what `zero-trainer plan --gpu-mem/--cpu-mem/--nvme` mean: the plan is made
     for it (shared machines, GPU slices, CI, the machine you will rent). null: what the run detects."""
@@ -110,6 +125,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     hardware: HardwareSection = field(default_factory=HardwareSection)
     output_dir: str = _f("runs/debug", ((str,), lambda v: v.strip() != "", "a directory path"))
     path: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from
