@@ -1,13 +1,15 @@
 """The planner: which rung of the ZeRO ladder trains a model on given hardware, predicted before anything is allocated.
 
     zero-trainer plan --model 7b --gpus-per-node 8 --gpu-mem 80      # a table of every rung, then the choice
+    zero-trainer plan --model 8b.json --seq-len 524288 --gpus-per-node 8 --gpu-mem 80   # sp (Ulysses) when needed
     deepspeed.config: auto                                            # resolve.py asks plan_recipe() instead
 
 Nothing here imports torch or deepspeed on the common path (presets, no GPU): `plan --model 70b` answers in well
 under a second. DeepSpeed JSON is read through ds_config.py, the one module that knows it.
 
-The memory model, per rank (Ψ parameters, N = nodes × gpus_per_node data-parallel ranks, w = 2 bytes a weight for
-bf16/fp16 and 4 for fp32, s = seq_len, b = micro batch, h/f/V/L/H = hidden, ffn, vocab, layers, heads):
+The memory model, per rank (Ψ parameters, N = the ranks ZeRO partitions over: nodes × gpus_per_node, ÷ tp with
+AutoTP; w = 2 bytes a weight for bf16/fp16 and 4 for fp32, s = seq_len (÷ sp with Ulysses), b = micro batch,
+h/f/V/L/H = hidden, ffn, vocab, layers, heads):
 
 Model states — ZeRO paper (Rajbhandari et al. 2020, §3): mixed-precision Adam keeps 2Ψ weights + 2Ψ gradients +
 KΨ optimizer states with K = 12 (fp32 master copy, momentum, variance); stage 1 divides the K part by N, stage 2
@@ -48,6 +50,23 @@ s = 512·b = 4 and s = 2048·b = 1). The loss head peaks at 12 bytes a logit (b�
 log-softmax and its gradient — measured 12.2-12.5 for bf16 and fp32 alike), often the largest single term.
 With activation checkpointing each layer keeps only its input (w·s·b·h) and one layer is recomputed at a time.
 
+Tensor and sequence parallelism (parallel.tp / parallel.sp, `plan --tp / --sp`; world = dp × tp × sp):
+  - AutoTP (tensor_parallel.autotp_size with DeepSpeed's llama preset, module_inject/autotp_config.py) splits
+    q/k/v/gate/up by their output and o/down by their input dimension over tp ranks; the embedding, an untied head
+    and the norms match no pattern and stay whole on every TP rank (`tp_rank_shape`). ZeRO partitions what one TP
+    rank holds over the data-parallel group only, N = world / tp (`zero_ranks`). Inside attention and the MLP the
+    head- and ffn-wide activations (q, k, v, output, logsumexp, the four ffn tensors) are ÷ tp; the norms' tensors,
+    the residual stream and the loss head are full size on each TP rank.
+  - Ulysses (runtime/sequence_parallel/ulysses_sp.py) gives each rank s/sp tokens of every activation, the loss head
+    included. Attention all-to-alls q, k, v from [s/sp, heads] to [s, heads/sp] and the output back: same bytes
+    as before, plus ALL_TO_ALL_COPIES buffers of each during the call (kv heads fewer than sp are replicated up to
+    sp first). ZeRO partitions over the whole dp·sp group, N = world, as plain data parallelism at that size.
+  - Tiling (parallel.tiled_loss / tiled_mlp, ALST — Bekman et al. 2025): the loss runs over loss_tiles() tiles of
+    about LOSS_TILE_LOGIT_BYTES of fp32 logits, so one tile's LOGIT_BYTES a logit exist at once (plus the gradient
+    of the head's input); TiledMLP runs each MLP over mlp_tiles() = ceil(s/sp / h) tiles and keeps only its input,
+    so the four ffn-wide tensors exist for one tile of one layer (plus the gradient of its input).
+  Not modelled: activation checkpoint offload to CPU (ALST's trick for 500k tokens on one GPU).
+
 Runtime overhead, measured on this CPU machine (bench/plan_calibration.py): a rank's process after importing torch
 and deepspeed and init_distributed holds HOST_PROCESS_BYTES of RSS before any model exists; the engine, data
 loader and allocator then add RUNTIME_BYTES whatever the model (per stage: DeepSpeed's ZeRO optimizer wrapper at
@@ -63,8 +82,12 @@ rungs that keep everything on the device first, then CPU offload, then NVMe; wit
 checkpointing before with it, and less sharding before more. Recomputing every layer costs about a third more
 compute on every step, but offload puts the CPU (Adam on the CPU, PCIe copies) on the critical path of every step,
 which costs more; once the optimizer runs on the CPU anyway, DeepSpeed overlaps parameter fetches with compute, so
-avoiding recomputation comes first there. NVMe rungs only when NVMe space is given. When nothing fits, the error
-names the candidate that needs the least extra memory, and how much of which.
+avoiding recomputation comes first there. NVMe rungs only when NVMe space is given. Only when no candidate fits does
+the planner tile the loss (it recomputes nothing), then the MLP too (recomputed in backward), and only when nothing
+fits at sp 1 even so does it search sp (`plan_model(sp=None)`; deepspeed.config auto with parallel.sp 1): the
+smallest degree that divides world / tp, seq_len and the heads, and whose kv heads Ulysses can shard or replicate.
+It never picks tp, and never searches sp beside tp > 1. When nothing fits, the error names the candidate that needs
+the least extra memory, and how much of which.
 """
 
 import dataclasses
@@ -106,6 +129,20 @@ LOGIT_BYTES = 12  # peak bytes per logit of the loss head (measured, bf16 and fp
 # CPU offload holds another 4 bytes per partition element beyond the tensors traced in DeepSpeed's code (measured:
 # minimind-26m/104m, zero2_offload and zero3_offload at world size 1 and 2).
 OFFLOAD_EXTRA = 4
+
+# Tiling (parallel.tiled_loss / tiled_mlp): the runtime imports these, so the run cuts the tiles the plan counted.
+LOSS_TILE_LOGIT_BYTES = GiB  # fp32 logits of one loss tile (ALST's 1 GiB slices); a tile peaks at LOGIT_BYTES a logit
+ALL_TO_ALL_COPIES = 2  # Ulysses: a contiguous send buffer and the received tensor exist together, per q/k/v/output
+
+
+def loss_tiles(tokens: int, vocab: int) -> int:
+    """Tiles the tiled loss cuts a rank's tokens (micro batch × its sequence slice) into."""
+    return max(1, math.ceil(4 * tokens * vocab / LOSS_TILE_LOGIT_BYTES))
+
+
+def mlp_tiles(seq_tokens: int, hidden: int) -> int:
+    """Tiles TiledMLP cuts a rank's sequence slice into: ALST's rule, ceil(tokens / hidden)."""
+    return max(1, math.ceil(seq_tokens / hidden))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,10 +231,44 @@ class Workload:
     seq_len: int
     micro_batch: int
     precision: str = "bf16"
+    tp: int = 1  # AutoTP degree
+    sp: int = 1  # Ulysses degree: each rank holds seq_len / sp tokens
+    tiled_mlp: bool = False
+    tiled_loss: bool = False
 
     @property
     def weight_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
+
+    @property
+    def local_seq_len(self) -> int:
+        return self.seq_len // self.sp
+
+    @property
+    def tiling(self) -> int:
+        """0: none, 1: the loss, 2: the loss and the MLP (the order the planner adds them in)."""
+        return int(self.tiled_loss) + int(self.tiled_mlp)
+
+
+def zero_ranks(hw: Hardware, workload: Workload) -> int:
+    """Ranks ZeRO partitions over: every rank without AutoTP (its ranks hold different shards, so ZeRO runs over the
+    data-parallel group, world / tp); Ulysses' ranks count (ZeRO runs over its sequence-data-parallel group)."""
+    return hw.world_size // workload.tp
+
+
+def tp_rank_shape(shape: ModelShape, tp: int) -> ModelShape:
+    """The parameters one AutoTP rank holds: DeepSpeed's llama preset (autotp_config.py) shards the q/k/v/o and
+    gate/up/down projections by tp; the embedding and the untied head (vocab × hidden) and the norms stay whole."""
+    if tp == 1:
+        return shape
+    whole = shape.vocab * shape.hidden
+    if not shape.param_sizes:  # a hand-built shape: the largest tensor (the embedding) and the norms stay whole
+        split = shape.params - shape.largest_param - shape.norm_params
+        return dataclasses.replace(shape, params=shape.params - split + math.ceil(split / tp))
+    sizes = tuple(n if n <= shape.hidden or n == whole else math.ceil(n / tp) for n in shape.param_sizes)
+    layer_norms = 2 * shape.hidden
+    return dataclasses.replace(shape, params=sum(sizes), largest_param=max(sizes), param_sizes=sizes,
+                               layer_params=layer_norms + math.ceil((shape.layer_params - layer_norms) / tp))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,7 +304,9 @@ def sized_rung(name: str, raw: dict, shape: ModelShape, workload: Workload, hw: 
     if recipe is None:
         recipe = Recipe()
         recipe.train.micro_batch, recipe.train.precision = workload.micro_batch, workload.precision
-    ds = resolve_auto_values(raw, recipe, world_size=hw.world_size, hidden_size=shape.hidden, params=shape.params)
+    held = tp_rank_shape(shape, workload.tp)
+    dp = hw.world_size // (workload.tp * workload.sp)  # the batch counts data-parallel ranks only
+    ds = resolve_auto_values(raw, recipe, world_size=dp, hidden_size=shape.hidden, params=held.params)
 
     def make(keep_params_in_cpu: bool) -> Rung:
         wanted = size_knobs(shape, ds, hw, workload, keep_params_in_cpu)
@@ -377,7 +450,8 @@ def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, ke
     zero = ds.get("zero_optimization") or {}
     stage = zero_stage(ds)
     opt_dev, param_dev = offload_device(ds, "optimizer"), offload_device(ds, "param")
-    w, N = workload.weight_bytes, hw.world_size
+    w, N = workload.weight_bytes, zero_ranks(hw, workload)
+    shape = tp_rank_shape(shape, workload.tp)
     parts = partitions(shape, N)
     part, largest_part = sum(parts), max(parts)
     ram_rank = hw.cpu_mem // hw.gpus_per_node
@@ -409,16 +483,16 @@ def size_knobs(shape: ModelShape, ds: dict, hw: Hardware, workload: Workload, ke
             sized[z + "offload_param.buffer_count"] = 2 * param_buffers_needed(shape, probe, ds, N, w)
         if param_dev == "nvme" or opt_dev == "nvme":
             sized["aio.intra_op_parallelism"] = intra_op
-    pinned = _pinned_bytes(shape, ds, sized, hw, w)
+    pinned = _pinned_bytes(shape, ds, sized, hw, w, N)
     for what, dev in (("optimizer", opt_dev), ("param", param_dev)):
         if dev in ("cpu", "nvme") and (stage == 3 or what == "optimizer"):
             sized[f"{z}offload_{what}.pin_memory"] = pinned <= PIN_SHARE * hw.cpu_mem
     return sized
 
 
-def _pinned_bytes(shape: ModelShape, ds: dict, sized: dict, hw: Hardware, w: int) -> int:
+def _pinned_bytes(shape: ModelShape, ds: dict, sized: dict, hw: Hardware, w: int, zero_world: int) -> int:
     """Per node: what pin_memory would page-lock (offloaded parameters and optimizer states)."""
-    part = math.ceil(shape.params / hw.world_size)
+    part = math.ceil(shape.params / zero_world)
     total = 0
     if offload_device(ds, "optimizer") == "cpu":
         total += 16 * part
@@ -437,13 +511,38 @@ def _pinned_bytes(shape: ModelShape, ds: dict, sized: dict, hw: Hardware, w: int
 
 def activation_bytes(shape: ModelShape, workload: Workload, checkpointing: bool) -> int:
     """Peak bytes of activations for one micro batch on one rank (see the module docstring)."""
-    s, b, w = workload.seq_len, workload.micro_batch, workload.weight_bytes
-    h, f, H = shape.hidden, shape.ffn, shape.heads
-    layer = s * b * (8 * h + 8 * w * h + 4 * w * f + 4 * H)
-    head = s * b * (LOGIT_BYTES * shape.vocab + (4 + 2 * w) * h + 2 * w * (h // H))  # logits, final norm, rope
-    if checkpointing:
-        return shape.layers * w * s * b * h + layer + head
-    return shape.layers * layer + head
+    return sum(activation_terms(shape, workload, checkpointing).values())
+
+
+def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool) -> dict:
+    """activation_bytes by term: `layers` (what every layer keeps for its backward: its input with checkpointing),
+    `live` (the layer being recomputed or run backward, beyond what it keeps), `all_to_all` (Ulysses' buffers),
+    `loss` (the loss head with the final norm and rope)."""
+    s, b, w, tp = workload.local_seq_len, workload.micro_batch, workload.weight_bytes, workload.tp
+    h, f, H, V = shape.hidden, shape.ffn, shape.heads, shape.vocab
+    tokens, hd = s * b, h // H
+    # the two norms are full width on every TP rank; attention's q, k, v, output, logsumexp and the MLP's four
+    # ffn-wide tensors are split by tp
+    norms_attention = tokens * (8 * h + 4 * w * h + (4 * w * h + 4 * H) // tp)
+    mlp = tokens * math.ceil(4 * w * f / tp)
+    if workload.tiled_mlp:  # TiledMLP keeps only its input (the norm's output): one tile's tensors at a time,
+        tile = b * math.ceil(s / mlp_tiles(s, h))  # and the gradient of its whole input
+        kept, live_mlp = 0, tile * math.ceil(4 * w * f / tp) + w * tokens * h
+    else:
+        kept, live_mlp = mlp, mlp
+    layer = norms_attention + kept
+    terms = {"layers": shape.layers * (w * tokens * h if checkpointing else layer),
+             "live": (norms_attention + live_mlp) if checkpointing else live_mlp - kept}
+    # Ulysses turns q, k, v ([s/sp, heads]) into [s, heads/sp] and the output back; kv heads fewer than sp are
+    # replicated to sp first (ulysses_sp.py kv_replication_factor)
+    kv = max(shape.kv_heads, workload.sp)
+    terms["all_to_all"] = 0 if workload.sp == 1 else ALL_TO_ALL_COPIES * w * tokens * hd * (2 * H + 2 * kv) // tp
+    if workload.tiled_loss:  # one tile's logits, and the gradient of the whole input (TiledFusedLogitsLoss)
+        logits = math.ceil(tokens / loss_tiles(tokens, V)) * LOGIT_BYTES * V + w * tokens * h
+    else:
+        logits = tokens * LOGIT_BYTES * V
+    terms["loss"] = logits + tokens * ((4 + 2 * w) * h + 2 * w * hd)  # logits, final norm, rope
+    return terms
 
 
 @dataclass
@@ -458,6 +557,12 @@ class Candidate:
     why: str = ""
     shortfall: dict = field(default_factory=dict)  # bytes missing: {"device": per rank, "cpu"/"nvme": per node}
     rung: Rung | None = field(default=None, repr=False)  # the rung as sized for this candidate
+    tiled_mlp: bool = False
+    tiled_loss: bool = False
+
+    @property
+    def tiling(self) -> int:
+        return int(self.tiled_loss) + int(self.tiled_mlp)
 
     @property
     def sized(self) -> dict:
@@ -469,7 +574,8 @@ class Candidate:
 
     def to_json(self) -> dict:
         return {"name": self.name, "activation_checkpointing": self.activation_checkpointing,
-                "device_bytes": self.device_bytes, "cpu_bytes": self.cpu_bytes, "nvme_bytes": self.nvme_bytes,
+                "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss, "device_bytes": self.device_bytes,
+                "cpu_bytes": self.cpu_bytes, "nvme_bytes": self.nvme_bytes,
                 "fits": self.fits, "why": self.why, "device_split": dict(self.device), "sized": self.sized}
 
 
@@ -565,7 +671,8 @@ def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
 
 
 def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
-    dev, cpu, nvme = model_states(shape, rung, hw.world_size, workload.precision)
+    dev, cpu, nvme = model_states(tp_rank_shape(shape, workload.tp), rung, zero_ranks(hw, workload),
+                                  workload.precision)
     device = {k: dev[k] for k in ("params", "grads", "optimizer")}
     device["activations"] = activation_bytes(shape, workload, checkpointing)
     device["buffers"] = dev["buffers"]
@@ -580,7 +687,7 @@ def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, ch
         device["buffers"] += DEVICE_RUNTIME_BYTES
         cpu_node = hw.gpus_per_node * (sum(cpu.values()) + host)
     return Candidate(rung.name, checkpointing, device, cpu_node, hw.gpus_per_node * nvme, cpu_rank=cpu_rank,
-                     rung=rung)
+                     rung=rung, tiled_mlp=workload.tiled_mlp, tiled_loss=workload.tiled_loss)
 
 
 def _judge(c: Candidate, rung: Rung, hw: Hardware) -> None:
@@ -637,10 +744,35 @@ class Plan:
     chosen: Candidate | None
     reason: str
     notes: list = field(default_factory=list)
+    searched: list = field(default_factory=list)  # sequence-parallel search: (sp, why it did not fit) before this sp
+    parallel_reason: str = ""  # why these tp / sp degrees
 
     @property
     def activation_checkpointing(self) -> bool:
         return bool(self.chosen and self.chosen.activation_checkpointing)
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.workload.tp
+
+    @property
+    def sequence_parallel(self) -> int:
+        return self.workload.sp
+
+    @property
+    def tiled_mlp(self) -> bool:
+        return self.chosen.tiled_mlp if self.chosen else self.workload.tiled_mlp
+
+    @property
+    def tiled_loss(self) -> bool:
+        return self.chosen.tiled_loss if self.chosen else self.workload.tiled_loss
+
+    @property
+    def parallel(self) -> str:
+        """"tp 2", "sp 8, tiled loss and MLP", ...: what the plan adds to plain data parallelism ("" if nothing)."""
+        parts = [f"{k} {v}" for k, v in (("tp", self.tensor_parallel), ("sp", self.sequence_parallel)) if v > 1]
+        tiled = [k for k, on in (("loss", self.tiled_loss), ("MLP", self.tiled_mlp)) if on]
+        return ", ".join(parts + (["tiled " + " and ".join(tiled)] if tiled else []))
 
     @property
     def sized(self) -> dict:
@@ -659,13 +791,15 @@ class Plan:
         """summary.json's `plan`."""
         return {"rung": self.chosen.name if self.chosen else None,
                 "activation_checkpointing": self.activation_checkpointing,
+                "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
+                "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized}
 
     def line(self) -> str:
         """The plan in one line, printed when a run starts."""
         knobs = ", ".join(f"{k.removeprefix('zero_optimization.')}={_short(v)}" for k, v in self.sized.items())
         return (f"plan: {self.reason}; predicted peak {_gib(self.predicted_peak_bytes)} a rank"
-                + (f"; sized {knobs}" if knobs else ""))
+                + (f"; {self.parallel}" if self.parallel else "") + (f"; sized {knobs}" if knobs else ""))
 
     def to_json(self) -> dict:
         hw = self.hardware
@@ -673,6 +807,12 @@ class Plan:
             "model": self.model.name, "params": self.model.params,
             "chosen": self.chosen.name if self.chosen else None,
             "activation_checkpointing": self.activation_checkpointing, "sized": self.sized,
+            "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
+            "data_parallel": hw.world_size // (self.tensor_parallel * self.sequence_parallel),
+            "zero_partitions": zero_ranks(hw, self.workload), "tiled_mlp": self.tiled_mlp,
+            "tiled_loss": self.tiled_loss,
+            "sequence_parallel_search": [{"sequence_parallel": sp, "fits": False, "reason": why}
+                                         for sp, why in self.searched], "parallel_reason": self.parallel_reason,
             "predicted_peak_bytes": self.predicted_peak_bytes, "reason": self.reason,
             "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_mem_bytes": hw.gpu_mem,
                          "cpu_mem_bytes": hw.cpu_mem, "nvme_bytes": hw.nvme, "cpu_only": hw.cpu_only},
@@ -682,11 +822,12 @@ class Plan:
         }
 
 
-def preference_key(rung: Rung, checkpointing: bool) -> tuple:
+def preference_key(rung: Rung, checkpointing: bool, tiling: int = 0, sp: int = 1) -> tuple:
     """Cheapest first: no offload, then CPU offload, then NVMe; within each, without activation checkpointing
-    first; then the ladder order (less sharding first)."""
+    first; then the ladder order (less sharding first). Tiling and then a searched sequence-parallel degree come
+    only when nothing fits without them, so they lead the key."""
     tier = 2 if rung.uses_nvme else 1 if "cpu" in (rung.offload_optimizer, rung.offload_param) else 0
-    return tier, checkpointing, LADDER.index(rung.name) if rung.name in LADDER else len(LADDER)
+    return sp, tiling, tier, checkpointing, LADDER.index(rung.name) if rung.name in LADDER else len(LADDER)
 
 
 def judged(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
@@ -700,23 +841,33 @@ def judged(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, chec
 
 
 def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None = None,
-              rungs: list[Rung] | None = None) -> Plan:
+              rungs: list[Rung] | None = None, tiling: bool = True) -> Plan:
     """Every candidate (rung × activation checkpointing) judged, and the first that fits in preference order.
 
     checkpointing=True: the run checkpoints activations anyway (a recipe that asks for it), so only those
     candidates are eligible; False: only those without (a model that cannot checkpoint); None: both, without
-    first. `rungs`: the ladder (default) or the one JSON a run names.
+    first. `rungs`: the ladder (default) or the one JSON a run names. tiling: when nothing fits, the same
+    candidates again with the loss tiled, then the MLP too (long context); the workload's own tiling always holds.
     """
     rungs = rungs if rungs is not None else ladder_rungs(shape, workload, hw)
-    candidates, by_name = [], {r.name: r for r in rungs}
-    for rung in rungs:
-        for ac in (False, True):
-            candidates.append(judged(shape, rung, hw, workload, ac))
-    preference = sorted((c for c in candidates if checkpointing is None or c.activation_checkpointing == checkpointing),
-                        key=lambda c: preference_key(by_name[c.name], c.activation_checkpointing))
-    chosen = next((c for c in preference if c.fits), None)
+    candidates, by_name, chosen, preference = [], {r.name: r for r in rungs}, None, []
+    rounds = [workload]
+    if tiling:
+        rounds += [dataclasses.replace(workload, tiled_loss=True),
+                   dataclasses.replace(workload, tiled_loss=True, tiled_mlp=True)]
+    for i, wl in enumerate(rounds):
+        if i and wl in rounds[:i]:
+            continue
+        judged_now = [judged(shape, rung, hw, wl, ac) for rung in rungs for ac in (False, True)]
+        candidates += judged_now
+        preference = sorted((c for c in judged_now if checkpointing is None or c.activation_checkpointing ==
+                             checkpointing), key=lambda c: preference_key(by_name[c.name], c.activation_checkpointing))
+        chosen = next((c for c in preference if c.fits), None)
+        if chosen is not None:
+            break
+    eligible = [c for c in candidates if checkpointing is None or c.activation_checkpointing == checkpointing]
     if chosen is None:
-        return Plan(shape, hw, workload, candidates, None, _nothing_fits(preference, by_name, hw))
+        return Plan(shape, hw, workload, candidates, None, _nothing_fits(eligible, by_name, hw))
     limit = hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem
     if chosen.activation_checkpointing and not checkpointing:
         why = "no rung fits without activation checkpointing; the least sharding and offload that fits with it"
@@ -729,10 +880,26 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
     if len(rungs) == 1:
         why = why.replace("the least sharding and offload that fits", "fits").replace(
             "the lightest rung fits", "fits")
-    reason = (f"{chosen.name}{' with activation checkpointing' if chosen.activation_checkpointing else ''}: {why} "
+    if chosen.tiling > workload.tiling:
+        why = f"no rung fits without tiling {_tiled(chosen, workload)}; " + why
+    reason = (f"{_label(chosen)}: {why} "
               f"({_gib(chosen.device_bytes)} a rank, {100 * chosen.device_bytes / limit:.0f}% of "
               f"{'its share of the RAM' if hw.cpu_only else 'the device'}; {SAFETY_MARGIN:.0%} kept free)")
     return Plan(shape, hw, workload, candidates, chosen, reason, notes=_notes(shape, by_name[chosen.name], hw))
+
+
+def _label(c: Candidate) -> str:
+    """"zero3 with activation checkpointing and tiled loss and MLP"."""
+    extras = (["activation checkpointing"] if c.activation_checkpointing else []) + (
+        [f"tiled {_tiled(c)}"] if c.tiling else [])
+    return c.name + (" with " + " and ".join(extras) if extras else "")
+
+
+def _tiled(c: Candidate, beyond: Workload | None = None) -> str:
+    """"loss", "MLP" or "loss and MLP": what the candidate tiles (beyond what the workload tiles anyway)."""
+    parts = [k for k, on, given in (("loss", c.tiled_loss, beyond and beyond.tiled_loss),
+                                    ("MLP", c.tiled_mlp, beyond and beyond.tiled_mlp)) if on and not given]
+    return " and ".join(parts)
 
 
 def _notes(shape: ModelShape, rung: Rung, hw: Hardware) -> list[str]:
@@ -761,26 +928,106 @@ def _nothing_fits(candidates: list, by_name: dict, hw: Hardware) -> str:
         parts.append(f"{_gib(best.shortfall['cpu'])} more {'RAM' if hw.cpu_only else 'CPU memory'} per node")
     if "nvme" in best.shortfall:
         parts.append(f"{_gib(best.shortfall['nvme'])} more NVMe per node")
-    ac = " with activation checkpointing" if best.activation_checkpointing else ""
-    return f"{best.name}{ac} comes closest: it needs " + " and ".join(parts)
+    return f"{_label(best)} comes closest: it needs " + " and ".join(parts)
 
 
 def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
-               precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None) -> Plan:
-    """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input."""
-    where = where or {}
-    shape = model_shape(model, where.get("model", "--model"))
+               precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
+               tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False) -> Plan:
+    """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input.
+
+    tp, sp: fixed AutoTP / Ulysses degrees; sp=None searches: sp 1 first, then the smallest sp that fits
+    (`sequence_parallel_degrees`). tiled_mlp / tiled_loss: tiling the run does anyway (the planner may add it)."""
+    where = {"model": "--model", "seq_len": "--seq-len", "micro_batch": "--micro-batch", "precision": "--precision",
+             "tp": "--tp", "sp": "--sp", **(where or {})}
+    shape = model_shape(model, where["model"])
     if precision not in PRECISIONS:
-        raise UsageError(f"precision '{precision}' is unknown", where.get("precision", "--precision"),
+        raise UsageError(f"precision '{precision}' is unknown", where["precision"],
                          "use one of " + ", ".join(PRECISIONS))
     seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, shape.max_positions or DEFAULT_SEQ_LEN)
     if seq_len < 1 or (shape.max_positions and seq_len > shape.max_positions):
         raise UsageError(f"seq_len {seq_len} is outside the model's 1..{shape.max_positions} positions",
-                         where.get("seq_len", "--seq-len"), f"use a seq_len <= {shape.max_positions}")
+                         where["seq_len"], _more_positions(shape, seq_len))
     if micro_batch < 1:
-        raise UsageError(f"micro batch {micro_batch} is invalid", where.get("micro_batch", "--micro-batch"),
-                         "use a whole number >= 1")
-    return make_plan(shape, hardware, Workload(seq_len, micro_batch, precision), checkpointing)
+        raise UsageError(f"micro batch {micro_batch} is invalid", where["micro_batch"], "use a whole number >= 1")
+    workload = Workload(seq_len, micro_batch, precision, tp=tp, sp=sp or 1, tiled_mlp=tiled_mlp,
+                        tiled_loss=tiled_loss)
+    check_layout(shape, hardware, workload, where)
+    fixed = f"as given ({where['tp']}, {where['sp']})"
+    if sp is not None or tp > 1:  # no search beside AutoTP: it takes the model-parallel groups Ulysses needs
+        plan = make_plan(shape, hardware, workload, checkpointing)
+        plan.parallel_reason = fixed + ("; no sequence-parallel search beside AutoTP" if sp is None else "")
+        return plan
+    searched, plan = [], None
+    for degree in sequence_parallel_degrees(shape, hardware, workload):
+        plan = make_plan(shape, hardware, dataclasses.replace(workload, sp=degree), checkpointing)
+        if plan.chosen is not None:
+            break
+        searched.append((degree, plan.reason))
+    tried = ", ".join(str(d) for d, _ in searched)
+    if plan.chosen is not None and searched:
+        plan.searched = searched
+        plan.parallel_reason = (f"the smallest sp that fits (sp {tried} {'does' if len(searched) == 1 else 'do'} "
+                                f"not: {searched[0][1]})")
+        plan.reason += f"; sequence parallel {plan.sequence_parallel}: {plan.parallel_reason}"
+    elif plan.chosen is None and len(searched) > 1:  # the largest degree came closest: say what it still needs
+        plan.searched = searched[:-1]
+        plan.parallel_reason = f"sp search: sp {tried} tried, none fits"
+        plan.reason = f"not even with sequence parallel {plan.sequence_parallel} (sp {tried} tried): {plan.reason}"
+    else:
+        plan.parallel_reason = "fits without sequence parallelism" if plan.chosen else \
+            "no larger sp divides the world size, seq_len and the heads"
+    return plan
+
+
+def _more_positions(shape: ModelShape, seq_len: int) -> str:
+    """The fix for a seq_len beyond a model's positions: the config that would allow it."""
+    if shape.name in PRESETS:
+        return (f"use a seq_len <= {shape.max_positions}, or give a config.json with max_position_embeddings >= "
+                f"{seq_len} (the {shape.name} preset's shape with more positions: model_config('{shape.name}', "
+                f"max_position_embeddings={seq_len}).save_pretrained(DIR) from zero_trainer.model)")
+    return (f"use a seq_len <= {shape.max_positions}, or raise max_position_embeddings to >= {seq_len} in "
+            f"{shape.name or 'the config.json'}")
+
+
+def sequence_parallel_degrees(shape: ModelShape, hw: Hardware, workload: Workload) -> list[int]:
+    """The degrees an sp search tries, smallest first: divisors of world / tp that divide seq_len and the attention
+    heads left on a TP rank, and whose kv heads Ulysses can shard or replicate (one divides the other)."""
+    room = hw.world_size // workload.tp
+    return [d for d in range(1, room + 1) if room % d == 0 and not _sp_problem(shape, workload, d)]
+
+
+def _sp_problem(shape: ModelShape, workload: Workload, sp: int) -> str:
+    heads, kv = shape.heads // workload.tp, max(1, shape.kv_heads // workload.tp)
+    if workload.seq_len % sp:
+        return f"does not divide seq_len {workload.seq_len}"
+    if heads % sp:
+        return f"does not divide the {heads} attention heads{' a TP rank holds' if workload.tp > 1 else ''}"
+    if kv % sp and sp % kv:
+        return (f"and the {kv} key/value heads: one must divide the other (Ulysses shards or replicates them, "
+                f"ulysses_sp.py)")
+    return ""
+
+
+def check_layout(shape: ModelShape, hw: Hardware, workload: Workload, where: dict) -> None:
+    """One UsageError for a TP/SP layout DeepSpeed cannot run: degrees that do not divide the world, tp not dividing
+    the heads (AutoTP splits whole heads), sp not dividing seq_len or the heads (Ulysses)."""
+    tp, sp = workload.tp, workload.sp
+    for degree, key in ((tp, "tp"), (sp, "sp")):
+        if degree < 1:
+            raise UsageError(f"{key} {degree} is invalid", where[key], "use a whole number >= 1")
+    if hw.world_size % (tp * sp):
+        key = "sp" if sp > 1 else "tp"
+        raise UsageError(f"{'tp ' + str(tp) + ' × sp ' + str(sp) if tp > 1 and sp > 1 else key + ' ' + str(tp * sp)}"
+                         f" does not divide the world size {hw.world_size} ({hw.nodes} node(s) × {hw.gpus_per_node} "
+                         f"rank(s))", where[key], f"use a degree that divides {hw.world_size}")
+    for count, name in ((shape.heads, "attention heads"), (shape.kv_heads, "key/value heads")):
+        if count % tp:
+            raise UsageError(f"tp {tp} does not divide the model's {count} {name} (AutoTP gives each rank whole "
+                             "heads)", where["tp"], "use a tp that divides both the attention and key/value heads")
+    if sp > 1 and (problem := _sp_problem(shape, workload, sp)):
+        raise UsageError(f"sp {sp} {problem}", where["sp"], f"use an sp among "
+                         f"{', '.join(map(str, sequence_parallel_degrees(shape, hw, workload))) or '1'}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -791,7 +1038,8 @@ def check_knobs(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload,
     """One UsageError per trap, before anything launches: a parameter swap buffer smaller than a partition it
     must hold, too few swap buffers for the prefetch/reuse window or for one optimizer sub-group, and more
     page-locked memory than the node has."""
-    z, w, N = rung.zero, workload.weight_bytes, hw.world_size
+    z, w, N = rung.zero, workload.weight_bytes, zero_ranks(hw, workload)
+    shape = tp_rank_shape(shape, workload.tp)
     where = f"zero_optimization in {source}"
     part = math.ceil(shape.params / N)
     if rung.stage == 3 and rung.offload_param == "nvme":
@@ -855,23 +1103,30 @@ def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[s
     ds=None (deepspeed.config: auto): every rung of the ladder, the cheapest that fits. ds=(name, raw JSON): that
     one config, its "auto" knobs sized and the result judged. A recipe with train.activation_checkpointing: true
     checkpoints anyway, so only those candidates are eligible; with false, auto may still need it (the trainer
-    turns it on). Raises UsageError when nothing fits the hardware (or the recipe's `hardware:` budget).
+    turns it on). The same holds for parallel.tiled_loss / tiled_mlp (`.tiled_loss`, `.tiled_mlp`). parallel.tp and
+    parallel.sp are fixed degrees, except that auto with sp 1 (and tp 1) may choose a larger sp when nothing fits
+    without (`.sequence_parallel`). Raises UsageError when nothing fits the hardware (or the recipe's `hardware:`
+    budget).
     """
     train, data = recipe.train, recipe.data
     field_name, source = recipe.model_field, recipe.model_source
     if model_cfg is not None:  # already built by the caller: name it after the recipe's preset or path
         source = shape_from_config(model_cfg, name=str(source)) if hasattr(model_cfg, "to_dict") else model_cfg
     where = {"model": field_name, "seq_len": "data.seq_len", "micro_batch": "train.micro_batch",
-             "precision": "train.precision"}
+             "precision": "train.precision", "tp": "parallel.tp", "sp": "parallel.sp"}
+    par = recipe.parallel
+    tiled = {"tiled_mlp": par.tiled_mlp, "tiled_loss": par.tiled_loss}
     hw = recipe_hardware(recipe, world_size, nvme_probe=ds is not None and uses_nvme(ds[1]))
     checkpointing = True if train.activation_checkpointing else None if can_checkpoint else False
 
     def planned(hw: Hardware) -> Plan:
         if ds is None:
             return plan_model(source, hw, data.seq_len, train.micro_batch, train.precision,
-                              checkpointing=checkpointing, where=where)
+                              checkpointing=checkpointing, where=where, tp=par.tp,
+                              sp=None if par.sp == 1 else par.sp, **tiled)
         shape = model_shape(source, field_name)
-        workload = Workload(data.seq_len, train.micro_batch, train.precision)
+        workload = Workload(data.seq_len, train.micro_batch, train.precision, tp=par.tp, sp=par.sp, **tiled)
+        check_layout(shape, hw, workload, where)
         rung = sized_rung(ds[0], ds[1], shape, workload, hw, recipe)
         check_knobs(shape, rung, hw, workload, ds[0])
         return make_plan(shape, hw, workload, checkpointing=checkpointing, rungs=[rung])

@@ -25,6 +25,10 @@ def add_subcommand(sub) -> None:
     p.add_argument("--seq-len", type=int, help=f"tokens per sample (default {DEFAULT_SEQ_LEN} or the model's max)")
     p.add_argument("--micro-batch", type=int, default=1, help="samples per rank per step (default 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision (default bf16)")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel degree (DeepSpeed AutoTP; default "
+                   "1): the attention and MLP projections are split over N ranks; never chosen by the planner")
+    p.add_argument("--sp", type=int, metavar="N", help="sequence parallel degree (DeepSpeed Ulysses): each rank holds "
+                   "seq_len/N tokens. Default: 1, or the smallest degree that fits when nothing fits at 1 (sp search)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
                    "chosen rung (a ds_configs name or a path)")
@@ -39,7 +43,7 @@ def add_subcommand(sub) -> None:
 
 def cmd_plan(args) -> int:
     hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
-    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision)
+    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, tp=args.tp, sp=args.sp)
     if args.plot:
         plot_plan(plan, args.plot)
     if args.json:
@@ -93,17 +97,23 @@ def hf_tool_settings(plan: Plan, path: str, checkpointing: bool) -> list[str]:
 def format_table(plan: Plan) -> str:
     hw, wl, m = plan.hardware, plan.workload, plan.model
     gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
+    tp, sp = plan.tensor_parallel, plan.sequence_parallel
     lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
              f"{wl.precision}",
              f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
+             f"tensor parallel {tp}, sequence parallel {sp}: {plan.parallel_reason}; ZeRO partitions over "
+             f"{hw.world_size // tp} rank(s), data parallel {hw.world_size // (tp * sp)}"
+             + (f"; each rank holds {wl.local_seq_len} tokens of a sequence" if sp > 1 else ""),
              "GiB per rank" + (" (device = its share of the RAM, offload included)" if hw.cpu_only else
-                               " on the device") + "; CPU and NVMe per node",
-             f"{'rung':24} {'AC':3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
+                               " on the device") + "; CPU and NVMe per node; tiles: what runs over sequence tiles",
+             f"{'rung':24} {'AC':3} {'tiles':8} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
              f"{'device':>7} {'CPU':>7} {'NVMe':>7}  fits"]
     for c in plan.candidates:
         d = c.device
         mark = "*" if c is plan.chosen else " "
-        lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {gib(d['params'])} "
+        tiles = "+".join(k for k, on in (("loss", c.tiled_loss), ("mlp", c.tiled_mlp)) if on) or "-"
+        lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {tiles:8} "
+                     f"{gib(d['params'])} "
                      f"{gib(d['grads'])} {gib(d['optimizer'])} {gib(d['activations'])} {gib(d['buffers'])} "
                      f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
                      f"{'yes' if c.fits else 'no: ' + c.why}")
@@ -123,7 +133,8 @@ def plot_plan(plan: Plan, path: str) -> None:
 
     hw, cands = plan.hardware, plan.candidates
     parts = ("params", "grads", "optimizer", "activations", "buffers")
-    labels = [c.name + (" +AC" if c.activation_checkpointing else "") for c in cands]
+    labels = [c.name + (" +AC" if c.activation_checkpointing else "") + (" +tiles" if c.tiling else "")
+              for c in cands]
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(cands)), 5))
     bottom = [0.0] * len(cands)
     for part in parts:
@@ -140,7 +151,8 @@ def plot_plan(plan: Plan, path: str) -> None:
             ax.annotate("×", (i, bottom[i]), ha="center", va="bottom", color="red")
     ax.set_ylim(0, max(limit * 1.3, min(max(bottom), limit * 4)) * 1.05)
     ax.set_ylabel("GiB per rank")
-    ax.set_title(f"{plan.model.name} on {hw.describe()}", fontsize=9)
+    ax.set_title(f"{plan.model.name} on {hw.describe()}" + (f"; {plan.parallel}" if plan.parallel else ""),
+                 fontsize=9)
     ax.tick_params(axis="x", rotation=60, labelsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
