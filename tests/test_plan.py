@@ -172,12 +172,14 @@ def test_every_grid_cell_decides_sensibly(grid):
 
 def test_more_memory_never_picks_a_costlier_plan(grid):
     """Monotonic: growing any memory never moves the choice later in the preference order (the order is
-    cheapest-first: no offload, CPU offload, NVMe; without activation checkpointing first within each)."""
+    cheapest-first: no offload, CPU offload, NVMe; without activation checkpointing first within each; tiling and a
+    searched sequence-parallel degree only when nothing fits without)."""
     def rank(p):
         if p.chosen is None:
-            return (9, 9, 9)
+            return (99,)
         rungs = {r.name: r for r in plan.ladder_rungs(p.model, p.workload, p.hardware)}
-        return plan.preference_key(rungs[p.chosen.name], p.chosen.activation_checkpointing)
+        return plan.preference_key(rungs[p.chosen.name], p.chosen.activation_checkpointing, p.chosen.tiling,
+                                   p.sequence_parallel)
 
     axes = {2: [24, 40, 80], 3: [64, 256, 1024, 2048], 4: [0, 2000]}
     for key, p in grid.items():
@@ -315,6 +317,8 @@ def test_bad_input_is_one_line_and_exit_2(args, flag, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"({flag})" in lines[0], err
     if args[1].endswith("config.json"):
         assert "causal" in lines[0] or "encoder" in lines[0], lines[0]
+    if "--seq-len" in args:  # the config that would allow it, concretely
+        assert "max_position_embeddings >= 4096" in lines[0] and "debug preset" in lines[0], lines[0]
 
 
 def test_nothing_fits_names_the_missing_memory():
