@@ -1138,7 +1138,12 @@ def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[s
         v is not None for v in vars(recipe.hardware).values()) else plan.hardware.describe()
     what = f"no ZeRO rung fits {plan.model.name} on {budget}" if ds is None else \
         f"{ds[0]} does not fit {plan.model.name} on {budget}"
-    fix = f"{plan.reason}; or lower data.seq_len / train.micro_batch (`zero-trainer plan` shows all)"
+    # a named JSON (or tp) gets no sp search: say when a larger parallel.sp could split the sequence
+    more_sp = [d for d in sequence_parallel_degrees(plan.model, plan.hardware, plan.workload)
+               if d > plan.workload.sp and plan.workload.tp == 1]
+    fix = (f"{plan.reason}; or lower data.seq_len / train.micro_batch"
+           f"{f', or raise parallel.sp (Ulysses: {more_sp[0]} divides the world and seq_len)' if more_sp else ''}"
+           " (`zero-trainer plan` shows all)")
     if ds is None and hw.nvme == 0:
         disk = recipe_hardware(recipe, world_size, nvme_probe=True)
         with_disk = planned(disk) if disk.nvme else None
