@@ -37,20 +37,24 @@ def run_cli(*args, timeout=900, check=True, env=None) -> subprocess.CompletedPro
     return proc
 
 
-def launch_engines(root: Path, world_size: int, runs: dict[str, list[str]]) -> dict[str, dict]:
+def launch_engines(root: Path, world_size: int, runs: dict[str, list[str] | dict],
+                   env: dict | None = None) -> dict[str, dict]:
     """Several whole runs (name -> recipe overrides) one after another in one `torchrun` launch of
     tests/engines_check.py; returns name -> summary.json. Checks no shm workspace was left behind."""
-    spec = [{"output_dir": str(root / name), "overrides": list(overrides)} for name, overrides in runs.items()]
+    spec = [{"output_dir": str(root / run.get("dir", name)), "overrides": list(run["overrides"]),
+             "resume": run.get("resume", False)}
+            for name, run in ((n, r if isinstance(r, dict) else {"overrides": r}) for n, r in runs.items())]
     (root / "spec.json").parent.mkdir(parents=True, exist_ok=True)
     (root / "spec.json").write_text(json.dumps(spec))
     port = free_port()
     proc = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", str(world_size), "--master-port", str(port),
                            "tests/engines_check.py", str(root / "spec.json")],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+                          cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the launch left {[p.name for p in left]} in /dev/shm"
-    return {name: read_summary(root / name) for name in runs}
+    return {name: read_summary(root / (run.get("dir", name) if isinstance(run, dict) else name))
+            for name, run in runs.items()}
 
 
 # Every shipped JSON at world size 1 and 2, plus bf16, each a whole run of the debug recipe.
@@ -64,11 +68,12 @@ CALIBRATION_RUN_ARGS = ["train.max_steps=3", "train.eval_batches=1", "train.eval
 
 
 class EngineRuns:
-    """(name, world size) -> summary of a whole run: every ds_configs JSON in fp32, and `zero2_bf16`, at world size
-    1 and 2 (and `calibration` at 1). Each world size is one launch, made the first time one of its runs is asked
-    for, once per test session: under pytest-xdist the first worker to ask launches it while holding a file lock
-    and the other reads its summaries. At world size 2, zero2, zero3 and zero2_bf16 keep a checkpoint every 3 steps,
-    for the resume tests."""
+    """(name, launch) -> summary of a whole run: every ds_configs JSON in fp32, and `zero2_bf16`, at world size
+    1 and 2 (and `calibration`, `seq256`, `tiled` at 1), and the model-parallel runs (launch "parallel": 2 ranks,
+    PARALLEL_RUNS). Each launch is made the first time one of its runs is asked for, once per test session: under
+    pytest-xdist the first worker to ask launches it while holding a file lock and the other reads its summaries.
+    At world size 2, zero2, zero3 and zero2_bf16 keep a checkpoint every 3 steps, for the resume tests; at world
+    size 1 zero0 does, for the tensor-parallel export test."""
 
     def __init__(self, root: Path):
         self.root, self.by_world_size = root, {}
@@ -85,20 +90,44 @@ class EngineRuns:
                 self.by_world_size[ws] = json.loads(done.read_text())
         return self.by_world_size[ws][name]
 
-    def _launch(self, ws: int) -> dict[str, dict]:
+    def _launch(self, ws) -> dict[str, dict]:
         from zero_trainer.ds_config import available_ds_configs
 
+        if ws == "parallel":
+            return launch_engines(self.root / "parallel", 2, PARALLEL_RUNS, env=SMALL_LOSS_TILES)
         named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
         named["zero2_bf16"] = [*BASE, "deepspeed.config=zero2", "train.precision=bf16"]
         if ws == 1:  # first in its process, so its peak RSS is its own: the planner's live calibration row
             named = {"calibration": [*BASE, "deepspeed.config=zero2", "train.precision=bf16",
                                      *CALIBRATION_RUN_ARGS], **named}
             _warm_data_cache(named["calibration"])
+            named["zero0"] += SAVED
+            named["seq256"] = [*BASE, "deepspeed.config=zero1", *SEQ256]  # the model-parallel runs' reference
+            named["tiled"] = [*BASE, "deepspeed.config=zero1", *SEQ256, *TILED]
+            return launch_engines(self.root / f"ws{ws}", ws, named, env=SMALL_LOSS_TILES)
         else:
             for n in ("zero2", "zero3", "zero2_bf16"):
                 named[n] += SAVED
             named["zero2"].append("train.report_to=[tensorboard,wandb]")  # test_runs reads what rank 0 wrote
         return launch_engines(self.root / f"ws{ws}", ws, named)
+
+
+# Model parallelism (tests/test_parallel.py), 2 ranks in one launch: tp=2 and sp=2 each put both ranks in one
+# group (dp = 1), so every run reads the 1-rank runs' batches. tp2_zero1 stops at step 6 and resumes to 12 in the
+# same output dir; tp2_zero1_whole trains the same 12 steps without stopping.
+SEQ256 = ["data.seq_len=256"]
+TILED = ["parallel.tiled_mlp=true", "parallel.tiled_loss=true"]
+SMALL_LOSS_TILES = {"ZERO_TRAINER_TEST_LOSS_TILE_BYTES": str(2 * 2**20)}  # a debug micro-batch: 4 loss tiles at seq 256
+TP = [*BASE, "parallel.tp=2", "deepspeed.config=zero1", *SAVED]
+PARALLEL_RUNS = {
+    "tp2_zero1_stopped": {"overrides": [*TP, "train.stop_at_step=6"], "dir": "tp2_zero1"},
+    "tp2_zero1": {"overrides": TP, "resume": True},
+    "tp2_zero1_whole": TP,
+    "tp2_zero3": [*BASE, "parallel.tp=2", "deepspeed.config=zero3"],
+    "sp2_zero3": [*BASE, "parallel.sp=2", "deepspeed.config=zero3", *SEQ256],
+    "sp2_zero1": [*BASE, "parallel.sp=2", "deepspeed.config=zero1", *SEQ256],
+    "sp2_zero3_tiled": [*BASE, "parallel.sp=2", "deepspeed.config=zero3", *SEQ256, *TILED],
+}
 
 
 def _warm_data_cache(overrides: list[str]) -> None:

@@ -182,6 +182,20 @@ def check_stage_change(ckpt: Path, stage: int, flag: str = "--resume") -> None:
                          "`zero-trainer export` the weights and start a new run from them")
 
 
+def check_tensor_parallel_change(ckpt: Path, tp: int, world_size: int, flag: str = "--resume") -> None:
+    """A tensor-parallel checkpoint holds each rank's shard of the projections (mp_rank_XX files), which only the
+    same tp layout loads; DeepSpeed's universal conversion of AutoTP shards is not exercised here, so a resume that
+    changes tp, or the world size of a tp run, is refused."""
+    state = read_state(ckpt)
+    saved = state["recipe"].get("parallel", {}).get("tp", 1)
+    if saved != tp or (tp > 1 and state["world_size"] != world_size):
+        raise UsageError(f"cannot resume {ckpt.name} (parallel.tp {saved}, {state['world_size']} ranks) at "
+                         f"parallel.tp {tp} on {world_size} ranks: tensor-parallel shards reload only in the layout "
+                         "that wrote them", flag,
+                         f"resume with parallel.tp={saved} on {state['world_size']} ranks, or `zero-trainer export` "
+                         "the weights and start a new run from them")
+
+
 def needs_universal(state: dict, world_size: int, stage: int) -> bool:
     return state["world_size"] != world_size or state["zero_stage"] != stage
 

@@ -257,6 +257,21 @@ def resolve_auto_values(ds: dict, recipe: Recipe, *, world_size: int, hidden_siz
     return ds
 
 
+def with_model_parallel(ds: dict, tp: int, sp: int, llama_names: bool) -> dict:
+    """A copy of a resolved config for tp × sp model parallelism. tp > 1 adds the AutoTP block
+    (deepspeed.initialize then shards the projections; llama_names: the model uses Llama's module names, which
+    DeepSpeed's `llama` preset matches, else its generic parser decides). train_batch_size goes: the batch was
+    checked against the data-parallel size already, and DeepSpeed derives it from micro batch x accumulation x
+    its own data-parallel count, where zero.Init, which sees no mpu, would count every rank."""
+    if tp == 1 and sp == 1:
+        return ds
+    ds = copy.deepcopy(ds)
+    ds.pop("train_batch_size", None)
+    if tp > 1:
+        ds["tensor_parallel"] = {"autotp_size": tp, **({"preset_model": "llama"} if llama_names else {})}
+    return ds
+
+
 # ---------------------------------------------------------------------------------------------------------
 # validation: everything that can be checked before a process is launched
 

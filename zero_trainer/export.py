@@ -39,6 +39,37 @@ def gather_state_dict(ckpt: Path, zero_stage: int) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
+def gather_tensor_parallel(ckpt: Path, zero_stage: int, full_shapes: dict) -> dict:
+    """A tensor-parallel checkpoint's weights, whole: each TP rank's files (mp_rank_0R, *_mp_rank_0R_*) gathered
+    by gather_state_dict as if they were a model of their own, then every sharded matrix concatenated where the
+    whole model's shape says (AutoTP splits rows of q/k/v/gate/up and columns of o/down); the rest is replicated."""
+    import tempfile
+
+    import torch
+
+    tp = len(list(ckpt.glob("mp_rank_*_model_states.pt")))
+    shards = []
+    for r in range(tp):
+        with tempfile.TemporaryDirectory() as tmp:
+            view = Path(tmp) / ckpt.name
+            view.mkdir()
+            for f in ckpt.glob(f"*mp_rank_{r:02d}*"):
+                (view / f.name.replace(f"mp_rank_{r:02d}", "mp_rank_00")).symlink_to(f.resolve())
+            shards.append(gather_state_dict(view, zero_stage))
+    whole = {}
+    for name, first in shards[0].items():
+        want = full_shapes.get(name, first.shape)
+        if first.shape == want:
+            whole[name] = first
+            continue
+        dim = next((d for d in range(first.dim()) if first.shape[d] * tp == want[d]), None)
+        if dim is None:
+            raise RuntimeError(f"{ckpt}: {name} has shape {tuple(first.shape)} on each of {tp} tensor-parallel "
+                               f"ranks, which does not concatenate to {tuple(want)}")
+        whole[name] = torch.cat([s[name] for s in shards], dim=dim)
+    return whole
+
+
 def hf_config(model_config: dict):
     """The vanilla transformers model (and config) for a saved zero_trainer model config."""
     from transformers import AutoConfig
@@ -80,7 +111,10 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
     config = hf_config(state["model_config"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    weights = gather_state_dict(ckpt, state["zero_stage"])
+    if len(list(ckpt.glob("mp_rank_*_model_states.pt"))) > 1:
+        weights = gather_tensor_parallel(ckpt, state["zero_stage"], {k: v.shape for k, v in model.state_dict().items()})
+    else:
+        weights = gather_state_dict(ckpt, state["zero_stage"])
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -100,6 +134,7 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
         files = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         record = {"source_checkpoint": str(ckpt.resolve()), "step": state["step"], "zero_stage": state["zero_stage"],
                   "world_size": state["world_size"], "ds_config_name": state["ds_config_name"],
+                  "tensor_parallel": state["recipe"].get("parallel", {}).get("tp", 1),
                   "architecture": type(model).__name__, "files_sha256": files}
         (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():

@@ -22,7 +22,9 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .presets import PRESETS
 
@@ -94,26 +96,34 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    is_causal = True  # read by transformers' attention functions
+
     def __init__(self, cfg: ZeroLMConfig):
         super().__init__()
-        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.config = cfg
+        n_head, n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // n_head
+        self.num_key_value_groups = n_head // n_kv_head  # GQA: query heads per key/value head
+        self.q_proj = nn.Linear(cfg.hidden_size, n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, position_ids):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # head counts come from the tensors: a tensor-parallel rank's projections hold only its share of the heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: each kv head serves n_head / n_kv_head query heads
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        # through transformers' registry (sdpa by default), so a sequence-parallel wrapper such as DeepSpeed's
+        # Ulysses can take its place; it returns (B, T, heads, head_dim)
+        impl = self.config._attn_implementation
+        attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+        if impl == "eager" and mask is not None:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+        y, _ = attend(self, q, k, v, mask, scaling=self.head_dim ** -0.5, dropout=0.0, position_ids=position_ids)
+        return self.o_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -136,8 +146,8 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, position_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, position_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -153,6 +163,8 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = ZeroLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    _supports_sdpa = True  # the default attention; "eager" and the registry's others work too
+    _supports_flash_attn = True
     _no_split_modules = ["DecoderLayer"]
     # transformers 5 format: {tied parameter: its source}; applied only when config.tie_word_embeddings
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -170,7 +182,8 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, shift_labels=None,
+                num_items_in_batch=None, **kwargs):
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         if position_ids is None:
@@ -182,13 +195,22 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = (causal & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        logits = self.lm_head(self.model.norm(x))
-        loss = None
-        if labels is not None:
-            # HF convention: labels are the inputs, shifted here; fp32 so the log-softmax is stable under bf16
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            x = layer(x, cos, sin, mask, position_ids)
+        x = self.model.norm(x)
+        if labels is None and shift_labels is None:
+            return CausalLMOutputWithPast(logits=self.lm_head(x))
+        if shift_labels is None:  # HF convention: labels are the inputs; position t predicts t + 1
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss, logits = self.loss_head(x, shift_labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def loss_head(self, hidden, targets, num_items=None):
+        """Summed next-token cross entropy over num_items (default: the targets that are not -100), as HF's
+        ForCausalLMLoss with num_items_in_batch; fp32 so the log-softmax is stable under bf16. Returns (loss,
+        logits). A sequence-parallel rank passes the whole sequence's count, so the slices' losses add up."""
+        logits = self.lm_head(hidden)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return loss / (num_items if num_items is not None else (targets != -100).sum()), logits
 
 
 # exist_ok: a second import (e.g. under another module name) re-registers instead of raising; the latest wins

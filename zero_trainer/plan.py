@@ -135,9 +135,9 @@ LOSS_TILE_LOGIT_BYTES = GiB  # fp32 logits of one loss tile (ALST's 1 GiB slices
 ALL_TO_ALL_COPIES = 2  # Ulysses: a contiguous send buffer and the received tensor exist together, per q/k/v/output
 
 
-def loss_tiles(tokens: int, vocab: int) -> int:
-    """Tiles the tiled loss cuts a rank's tokens (micro batch × its sequence slice) into."""
-    return max(1, math.ceil(4 * tokens * vocab / LOSS_TILE_LOGIT_BYTES))
+def loss_tiles(tokens: int, vocab: int, tile_bytes: int | None = None) -> int:
+    """Tiles the tiled loss cuts a rank's tokens (micro batch × its sequence slice) into (at most one a token)."""
+    return min(tokens, max(1, math.ceil(4 * tokens * vocab / (tile_bytes or LOSS_TILE_LOGIT_BYTES))))
 
 
 def mlp_tiles(seq_tokens: int, hidden: int) -> int:

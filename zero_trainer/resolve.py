@@ -9,6 +9,7 @@ data, then the checkpoint to resume from. Creates nothing: no output dir, no nvm
 """
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ from .ds_config import (
     resolve_auto_values,
     uses_nvme,
     validate_ds_config,
+    with_model_parallel,
     zero_stage,
 )
 from .errors import UsageError
 from .hardware import filesystem_type, free_bytes, unwritable_reason
 from .metrics import check_reporters
 from .model import model_config, param_sizes, supports_checkpointing
+from .parallelize import check_parallel
 from .plan import Plan, plan_recipe
 from .recipe import Recipe
 
@@ -66,6 +69,8 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
                          "False)", "train.activation_checkpointing",
                          "set train.activation_checkpointing=false, or use a model type that supports it")
     plan = plan_recipe(recipe, model_cfg, world_size, can_checkpoint=can_checkpoint) if auto else None
+    if plan is not None:  # auto may split the sequence (sp) or tile the loss/MLP to fit
+        recipe = with_planned_parallel(recipe, plan)
     name = plan.chosen.name if plan else recipe.deepspeed.config
     ds_name, raw = load_ds_config(name)
     if train.precision == "fp16":
@@ -74,7 +79,9 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
         if not torch.cuda.is_available():
             raise UsageError("fp16 training needs a GPU; this machine has none", "train.precision",
                              "use train.precision=bf16 or fp32 on CPU")
-    validate_ds_config(raw, recipe, world_size=world_size, source=ds_config_path(name))
+    check_parallel(recipe, model_cfg, world_size)
+    dp = world_size // recipe.parallel.model_parallel  # the batch is counted over data-parallel ranks only
+    validate_ds_config(raw, recipe, world_size=dp, source=ds_config_path(name))
     check_reporters(train.reporters)
     _check_run_dirs(recipe, raw)
     positions = getattr(model_cfg, "max_position_embeddings", None)
@@ -85,18 +92,31 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     _check_nvme(recipe, raw, sum(sizes))
     if plan is None:  # a named JSON: its "auto" knobs sized, the whole judged against the hardware
         plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint)
-    ds_config = resolve_auto_values(raw, recipe, world_size=world_size, hidden_size=model_cfg.hidden_size,
+    recipe = with_planned_parallel(recipe, plan)
+    ds_config = resolve_auto_values(raw, recipe, world_size=dp, hidden_size=model_cfg.hidden_size,
                                     output_dir=recipe.output_dir, params=sum(sizes))
     ds_config, _ = fill_sized(ds_config, plan.sized)
+    ds_config = with_model_parallel(ds_config, recipe.parallel.tp, recipe.parallel.sp,
+                                    llama_names=model_cfg.model_type in ("zero_lm", "llama"))
     data = load_data(recipe, model_cfg.vocab_size)
     resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
     universal = False
     if resume_from is not None:
         checkpoint.check_stage_change(resume_from, zero_stage(ds_config))
+        checkpoint.check_tensor_parallel_change(resume_from, recipe.parallel.tp, world_size)
         universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config))
     return Resolved(recipe, world_size, model_cfg, sum(sizes), ds_name, ds_config, plan,
                     bool(train.activation_checkpointing or plan.activation_checkpointing),
                     resume_from, universal, data)
+
+
+def with_planned_parallel(recipe: Recipe, plan: Plan) -> Recipe:
+    """The recipe with what the plan added to its `parallel:` section: a sequence-parallel degree (auto only) and
+    tiling, both needed to fit. The run trains this recipe, and its checkpoints record it."""
+    p = recipe.parallel
+    planned = dataclasses.replace(p, sp=plan.sequence_parallel, tiled_mlp=p.tiled_mlp or plan.tiled_mlp,
+                                  tiled_loss=p.tiled_loss or plan.tiled_loss)
+    return recipe if planned == p else dataclasses.replace(recipe, parallel=planned)
 
 
 def build_config(recipe: Recipe):

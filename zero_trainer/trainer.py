@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, metrics
+from . import checkpoint, metrics, parallelize
 from .data import BatchSampler
 from .ds_config import load_universal_checkpoint, zero_stage
 from .hardware import local_world_size
@@ -74,6 +74,7 @@ class Run:
         self.rss_before_model = metrics.current_rss_bytes()
 
         r = resolve(recipe, self.world_size, resume)  # the same resolution the launcher checked
+        self.recipe = recipe = r.recipe  # with the parallel degrees and tiling the plan added
         self.resolved, self.model_cfg, self.data, self.params = r, r.model_cfg, r.data, r.params
         self.ds_name, self.ds_config, self.zero_stage = r.ds_name, r.ds_config, r.zero_stage
         if self.rank == 0:
@@ -90,12 +91,16 @@ class Run:
         model = build_initialized_model(self.model_cfg, self.ds_config, train.seed)
         if r.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config,
+        self.layout = parallelize.Layout.of(recipe, self.rank, self.world_size)
+        self.mpu = parallelize.apply(model, recipe, train.micro_batch)  # SP groups and attention, tiling
+        self.grad_scale = parallelize.gradient_scale(self.layout, r.zero_stage)
+        self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config, mpu=self.mpu,
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.device = self.engine.device
-        self.sampler = BatchSampler(len(self.data.train), train.micro_batch, self.rank, self.world_size,
+        # ranks of one TP/SP group read the same batch: the sampler deals by data-parallel rank
+        self.sampler = BatchSampler(len(self.data.train), train.micro_batch, self.layout.dp_rank, self.layout.dp,
                                     train.seed)
-        self.tokens_per_step = train.micro_batch * train.grad_accum * self.world_size * recipe.data.seq_len
+        self.tokens_per_step = train.micro_batch * train.grad_accum * self.layout.dp * recipe.data.seq_len
         # Progress: everything a resumed run needs to continue as if it never stopped.
         self.state = {"step": 0, "position": 0, "losses": [], "tokens": 0, "train_s": 0.0}
         self.resumed_from, self.eval_loss = r.resume_from, None
@@ -156,9 +161,10 @@ def train_step(run: Run) -> float:
     """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss."""
     engine, losses = run.engine, []
     for _ in range(run.recipe.train.grad_accum):
-        x = run.next_batch()
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
+        ids, positions, targets = parallelize.sequence_slice(run.next_batch(), run.layout)
+        loss = engine(input_ids=ids, position_ids=positions, shift_labels=targets,
+                      num_items_in_batch=parallelize.items_in_batch(targets, run.mpu)).loss
+        engine.backward(loss * run.grad_scale if run.grad_scale != 1 else loss)
         engine.step()
         losses.append(loss.detach().float().item())
     return sum(losses) / len(losses)
@@ -166,12 +172,13 @@ def train_step(run: Run) -> float:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over held-out blocks; each rank reads its own blocks, every rank runs the same forwards."""
-    train, blocks = run.recipe.train, run.data.eval
+    """Mean loss over held-out blocks; each data-parallel group reads its own blocks, every rank runs the same
+    forwards (whole sequences: Ulysses steps aside in eval mode)."""
+    train, blocks, layout = run.recipe.train, run.data.eval, run.layout
     micro, total = train.micro_batch, 0.0
     run.engine.eval()
     for b in range(train.eval_batches):
-        idx = (np.arange(micro) + (b * run.world_size + run.rank) * micro) % len(blocks)
+        idx = (np.arange(micro) + (b * layout.dp + layout.dp_rank) * micro) % len(blocks)
         x = run.batch(blocks, idx)
         total += run.engine(input_ids=x, labels=x).loss.float().item()
     run.engine.train()
@@ -235,6 +242,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         bar.close()
         if run.saved_step != state["step"]:
             run.save()
+        parallelize.restore_attention(run.mpu, run.engine.module)
         if is_main:
             log.close()
             print(f"stopped at step {state['step']} of {train.max_steps}: checkpoint saved in "
@@ -249,18 +257,20 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         log.close()
     sample = sample_text(run, train.sample_tokens) if train.sample_tokens else ""
     peak = run.max_over_ranks(metrics.peak_memory_bytes())
+    parallelize.restore_attention(run.mpu, run.engine.module)
     losses = state["losses"]
     summary = {
         "params": run.params, "world_size": run.world_size, "ds_config_name": run.ds_name,
         "ds_config": run.ds_config, "precision": train.precision, "zero_stage": run.zero_stage,
         "activation_checkpointing": run.resolved.activation_checkpointing, "plan": run.resolved.plan.summary(),
+        "tensor_parallel": run.layout.tp, "sequence_parallel": run.layout.sp,
         "model": recipe.model_source, "steps": len(losses), "tokens": state["tokens"],
         "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "tokens_per_s": state["tokens"] / state["train_s"],
         "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
         "wall_s": time.time() - t0, "losses": losses, "sample": sample,
-        "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": recipe.to_dict(),
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": run.recipe.to_dict(),
     }
     if is_main:
         metrics.write_summary(run.out / "summary.json", summary)

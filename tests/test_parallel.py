@@ -1,0 +1,102 @@
+"""Tensor parallelism (AutoTP) and Ulysses sequence parallelism: real 2-rank runs (conftest.PARALLEL_RUNS, one
+launch) against the 1-rank runs that read the same batches, plus the layout rules in this process."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import STEPS, assert_losses_close, fork_run, run_cli
+
+from zero_trainer.errors import UsageError
+from zero_trainer.parallelize import Layout, sequence_slice
+from zero_trainer.recipe import load_recipe
+
+
+def grad_norms(summary: dict) -> list[float]:
+    rows = csv.DictReader(open(Path(summary["recipe"]["output_dir"]) / "metrics.csv"))
+    return [float(r["grad_norm"]) for r in rows]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["tp2_zero1", "tp2_zero1_whole", "tp2_zero3"])
+def test_tensor_parallel_follows_the_one_rank_run(name, engine_runs):
+    run, ref = engine_runs[name, "parallel"], engine_runs["zero0", 1]
+    assert (run["tensor_parallel"], run["sequence_parallel"], run["world_size"]) == (2, 1, 2)
+    assert len(run["losses"]) == STEPS
+    assert_losses_close(run["losses"], ref["losses"], 1e-3)
+    assert run["tokens"] == ref["tokens"]  # one data-parallel rank: the 1-rank run's tokens, not twice them
+
+
+@pytest.mark.multiproc
+def test_tensor_parallel_resume_is_exact(engine_runs):
+    resumed, whole = engine_runs["tp2_zero1", "parallel"], engine_runs["tp2_zero1_whole", "parallel"]
+    assert resumed["resumed_from"].endswith("step_00000006")
+    assert resumed["losses"] == whole["losses"]
+    assert resumed["eval_loss"] == whole["eval_loss"]
+
+
+@pytest.mark.multiproc
+def test_tensor_parallel_export_is_the_plain_llama(engine_runs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    tp_run, ref = engine_runs["tp2_zero1_whole", "parallel"], engine_runs["zero0", 1]
+    for name, summary in (("tp", tp_run), ("ref", ref)):
+        run_cli("export", Path(summary["recipe"]["output_dir"]) / "checkpoints", tmp_path / name)
+    assert json.loads((tmp_path / "tp" / "export.json").read_text())["tensor_parallel"] == 2
+    got, want = load_file(tmp_path / "tp" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys()
+    worst = max((got[k] - want[k]).abs().max().item() for k in got)
+    assert worst <= 1e-3, worst
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "tp")
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (128, 128)  # whole again, not a rank's half
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["sp2_zero3", "sp2_zero1", "sp2_zero3_tiled"])
+def test_sequence_parallel_follows_the_one_rank_run(name, engine_runs):
+    run, ref = engine_runs[name, "parallel"], engine_runs["seq256", 1]
+    assert (run["sequence_parallel"], run["tensor_parallel"]) == (2, 1)
+    assert_losses_close(run["losses"], ref["losses"], 1e-3)
+    # Adam and clipping hide a gradient off by a constant factor from the losses; the norms do not
+    assert grad_norms(run) == pytest.approx(grad_norms(ref), rel=1e-3)
+    assert abs(run["eval_loss"] - ref["eval_loss"]) <= 1e-3
+
+
+@pytest.mark.multiproc
+def test_tiled_mlp_and_loss_follow_the_untiled_run(engine_runs):
+    run, ref = engine_runs["tiled", 1], engine_runs["seq256", 1]
+    assert run["recipe"]["parallel"]["tiled_mlp"] and run["recipe"]["parallel"]["tiled_loss"]
+    assert_losses_close(run["losses"], ref["losses"], 1e-4)
+    assert grad_norms(run) == pytest.approx(grad_norms(ref), rel=1e-4)
+
+
+@pytest.mark.multiproc
+def test_resume_across_a_different_tp_is_one_line(engine_runs, tmp_path):
+    from zero_trainer.resolve import resolve
+
+    out = fork_run(engine_runs["tp2_zero1_whole", "parallel"], 6, tmp_path / "run")
+    recipe = load_recipe("debug", [f"output_dir={out}", "deepspeed.config=zero1", "data.seq_len=64"])
+    with pytest.raises(UsageError, match="cannot resume step_00000006 .parallel.tp 2, 2 ranks. at parallel.tp 1"):
+        resolve(recipe, 2, resume=True)
+
+
+def test_sequence_slice_keeps_each_token_its_target_and_position():
+    x = torch.arange(16).view(2, 8)
+    whole_ids, whole_pos, whole_targets = sequence_slice(x, Layout(1, 1, 1, 0, 0))
+    parts = [sequence_slice(x, Layout(1, 2, 1, 0, r)) for r in (0, 1)]
+    assert torch.equal(torch.cat([p[0] for p in parts], 1), whole_ids)
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), whole_pos)
+    assert torch.equal(torch.cat([p[2] for p in parts], 1), whole_targets)
+    assert parts[0][2][0, -1] == x[0, 4]  # the slice's last token predicts the next slice's first
+    assert (whole_targets[:, -1] == -100).all()
+
+
+def test_layout_groups_consecutive_ranks():
+    recipe = load_recipe("debug", ["parallel.tp=2"])
+    assert [Layout.of(recipe, r, 4).dp_rank for r in range(4)] == [0, 0, 1, 1]
+    recipe = load_recipe("debug", ["parallel.sp=2"])
+    assert [(Layout.of(recipe, r, 4).dp_rank, Layout.of(recipe, r, 4).sp_rank) for r in range(4)] == [
+        (0, 0), (0, 1), (1, 0), (1, 1)]
