@@ -14,6 +14,7 @@ LAYERS = [
     {"model", "data"},
     {"ds_config"},
     {"plan", "checkpoint"},
+    {"parallelize"},
     {"resolve"},
     {"trainer", "export"},
     {"train", "launch", "plan_report", "report", "doctor"},

@@ -100,3 +100,26 @@ def test_layout_groups_consecutive_ranks():
     recipe = load_recipe("debug", ["parallel.sp=2"])
     assert [(Layout.of(recipe, r, 4).dp_rank, Layout.of(recipe, r, 4).sp_rank) for r in range(4)] == [
         (0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_long_context_recipe_loads_and_plans_on_one_node():
+    """The shipped long-context recipe (ALST's case): on 8 x 80 GiB with 1 TiB of RAM its sp=8 with tiling fits;
+    the same sequence on one rank does not fit, whatever the rung."""
+    from zero_trainer import plan
+    from zero_trainer.hardware import GiB, Hardware
+
+    recipe = load_recipe("long-context")
+    p, train = recipe.parallel, recipe.train
+    assert recipe.model.preset == "llama3-8b-512k" and recipe.data.seq_len >= 32768
+    assert p.sp > 1 and p.tiled_mlp and p.tiled_loss and train.activation_checkpointing
+    assert recipe.data.seq_len <= plan.model_shape(recipe.model_source).max_positions
+    node = Hardware(nodes=1, gpus_per_node=8, gpu_mem=80 * GiB, cpu_mem=1024 * GiB, nvme=0)
+
+    def planned(sp):
+        return plan.plan_model(recipe.model_source, node, recipe.data.seq_len, train.micro_batch, train.precision,
+                               checkpointing=True, sp=sp, tiled_mlp=p.tiled_mlp, tiled_loss=p.tiled_loss)
+
+    chosen = planned(p.sp)
+    assert chosen.chosen is not None, chosen.reason
+    assert (chosen.sequence_parallel, chosen.tiled_loss, chosen.tiled_mlp) == (8, True, True)
+    assert planned(1).chosen is None

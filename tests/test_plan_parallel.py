@@ -50,11 +50,13 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 # --- the memory model ---------------------------------------------------------------------------------------
 
 def test_tp_sp_one_is_the_calibrated_model():
-    """Defaults change nothing: the closed form the calibration rows were fitted with."""
+    """Defaults change nothing: the closed form of the module docstring (q and the output full width, k and v at
+    the key/value heads' width, as sdpa saves them with GQA)."""
     shape = plan.model_shape("1b")
     s, b, w = 2048, 2, 2
     h, f, H, L, V = shape.hidden, shape.ffn, shape.heads, shape.layers, shape.vocab
-    layer = s * b * (8 * h + 8 * w * h + 4 * w * f + 4 * H)
+    kv_width = shape.kv_heads * (h // H)
+    layer = s * b * (8 * h + 6 * w * h + 2 * w * kv_width + 4 * w * f + 4 * H)
     head = s * b * (plan.LOGIT_BYTES * V + (4 + 2 * w) * h + 2 * w * (h // H))
     workload = plan.Workload(s, b, "bf16")
     assert plan.activation_bytes(shape, workload, False) == L * layer + head

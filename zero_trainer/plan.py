@@ -42,12 +42,13 @@ Stage-2 offload adds a device and a pinned CPU buffer of the largest parameter (
 Activations — Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", give
 s·b·h·(34 + 5·a·s/h) bytes per layer for a GPT layer in fp16. This model's layer differs, so the tensors autograd
 saves were counted (torch.autograd.graph.saved_tensors_hooks on this repo's model, any s, b, dtype) and the count
-is exact: per layer s·b·(8h + 8·w·h + 4·w·f + 4H) bytes — the two RMSNorms save their fp32 input (8h) and two
-w-byte tensors each; attention saves q, the repeated k and v, and the output (4wh; with GQA the repeated k, v are
-full size); SwiGLU saves four ffn-wide tensors (4wf); the fused SDPA kernel saves an fp32 logsumexp (4H) and no
-s² score matrix (flash/memory-efficient kernels on GPU, the flash kernel on CPU: measured, identical bytes for
-s = 512·b = 4 and s = 2048·b = 1). The loss head peaks at 12 bytes a logit (b·s·V·12: the fp32 logits, their
-log-softmax and its gradient — measured 12.2-12.5 for bf16 and fp32 alike), often the largest single term.
+is exact: per layer s·b·(8h + 6·w·h + 2·w·kv·d + 4·w·f + 4H) bytes — the two RMSNorms save their fp32 input (8h)
+and two w-byte tensors each; attention saves q and the output (2wh) and k and v at the key/value heads' width
+(2·w·kv·d, d = h/H: transformers' sdpa hands GQA to the kernel unrepeated); SwiGLU saves four ffn-wide tensors
+(4wf); the fused SDPA kernel saves an fp32 logsumexp (4H) and no s² score matrix (flash/memory-efficient kernels
+on GPU, the flash kernel on CPU: measured, identical bytes for s = 512·b = 4 and s = 2048·b = 1). The loss head
+peaks at 12 bytes a logit (b·s·V·12: the fp32 logits, their log-softmax and its gradient — measured 12.2-12.5 for
+bf16 and fp32 alike), often the largest single term.
 With activation checkpointing each layer keeps only its input (w·s·b·h) and one layer is recomputed at a time.
 
 Tensor and sequence parallelism (parallel.tp / parallel.sp, `plan --tp / --sp`; world = dp × tp × sp):
@@ -62,7 +63,8 @@ Tensor and sequence parallelism (parallel.tp / parallel.sp, `plan --tp / --sp`; 
     as before, plus ALL_TO_ALL_COPIES buffers of each during the call (kv heads fewer than sp are replicated up to
     sp first). ZeRO partitions over the whole dp·sp group, N = world, as plain data parallelism at that size.
   - Tiling (parallel.tiled_loss / tiled_mlp, ALST — Bekman et al. 2025): the loss runs over loss_tiles() tiles of
-    about LOSS_TILE_LOGIT_BYTES of fp32 logits, so one tile's LOGIT_BYTES a logit exist at once (plus the gradient
+    about LOSS_TILE_LOGIT_BYTES of fp32 logits, each checkpointed: one tile's LOGIT_BYTES a logit exist at once, an
+    upper bound, as chunked_cross_entropy inside a tile keeps no fp32 copy of its logits (plus the gradient
     of the head's input); TiledMLP runs each MLP over mlp_tiles() = ceil(s/sp / h) tiles and keeps only its input,
     so the four ffn-wide tensors exist for one tile of one layer (plus the gradient of its input).
   Not modelled: activation checkpoint offload to CPU (ALST's trick for 500k tokens on one GPU).
@@ -523,7 +525,8 @@ def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool)
     tokens, hd = s * b, h // H
     # the two norms are full width on every TP rank; attention's q, k, v, output, logsumexp and the MLP's four
     # ffn-wide tensors are split by tp
-    norms_attention = tokens * (8 * h + 4 * w * h + (4 * w * h + 4 * H) // tp)
+    kv_width = shape.kv_heads * hd  # sdpa takes GQA's key/value heads as they are (enable_gqa): saved unrepeated
+    norms_attention = tokens * (8 * h + 4 * w * h + (2 * w * h + 2 * w * kv_width + 4 * H) // tp)
     mlp = tokens * math.ceil(4 * w * f / tp)
     if workload.tiled_mlp:  # TiledMLP keeps only its input (the norm's output): one tile's tensors at a time,
         tile = b * math.ceil(s / mlp_tiles(s, h))  # and the gradient of its whole input
@@ -537,7 +540,7 @@ def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool)
     # replicated to sp first (ulysses_sp.py kv_replication_factor)
     kv = max(shape.kv_heads, workload.sp)
     terms["all_to_all"] = 0 if workload.sp == 1 else ALL_TO_ALL_COPIES * w * tokens * hd * (2 * H + 2 * kv) // tp
-    if workload.tiled_loss:  # one tile's logits, and the gradient of the whole input (TiledFusedLogitsLoss)
+    if workload.tiled_loss:  # one tile's logits (parallelize._tiled_loss_head), and the gradient of the whole input
         logits = math.ceil(tokens / loss_tiles(tokens, V)) * LOGIT_BYTES * V + w * tokens * h
     else:
         logits = tokens * LOGIT_BYTES * V

@@ -27,4 +27,8 @@ PRESETS: dict[str, dict] = {
                 num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
+    # Llama-3.1-8B's shape with 512k positions: 8.03B, the long-context recipe (ALST trains it at 500k tokens)
+    "llama3-8b-512k": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                           max_position_embeddings=524288, rope_theta=500000.0),
 }
