@@ -32,7 +32,8 @@ def predicted_peak_bytes(summary: dict) -> int:
     recipe = summary["recipe"]
     plan = plan_model(summary["model"], detect_hardware(gpus_per_node=summary["world_size"]),
                       seq_len=recipe["data"]["seq_len"], micro_batch=recipe["train"]["micro_batch"],
-                      precision=summary["precision"])
+                      precision=summary["precision"], tp=summary.get("tensor_parallel", 1),
+                      sp=summary.get("sequence_parallel", 1))  # the run's degrees (sp=None would search)
     ac = recipe["train"]["activation_checkpointing"]
     return next(c.device_bytes for c in plan.candidates
                 if c.name == summary["ds_config_name"] and c.activation_checkpointing == ac)

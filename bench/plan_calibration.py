@@ -38,12 +38,17 @@ OVERHEAD_MODEL = {"model_type": "zero_lm", "hidden_size": 8, "intermediate_size"
 OVERHEAD = "overhead-4k"
 
 
+# Model-parallel rows: "" (none), "tp2" (AutoTP, parallel.tp=2), "sp2" (Ulysses, parallel.sp=2).
+PARALLEL = {"": [], "tp2": ["parallel.tp=2"], "sp2": ["parallel.sp=2"]}
+
+
 def row_key(row: dict) -> tuple:
-    return (row["model"], row["rung"], row["world_size"], row["precision"], row["activation_checkpointing"])
+    return (row["model"], row["rung"], row["world_size"], row["precision"], row["activation_checkpointing"],
+            row.get("parallel", ""))
 
 
-def run_dir(root: Path, model: str, rung: str, world_size: int, precision: str, ac: bool) -> Path:
-    return root / f"{model}_{rung}_ws{world_size}_{precision}{'_ac' if ac else ''}"
+def run_dir(root: Path, model: str, rung: str, world_size: int, precision: str, ac: bool, par: str = "") -> Path:
+    return root / f"{model}_{rung}_ws{world_size}_{precision}{'_ac' if ac else ''}{'_' + par if par else ''}"
 
 
 def model_args(model: str, root: Path) -> list[str]:
@@ -55,9 +60,10 @@ def model_args(model: str, root: Path) -> list[str]:
     return ["model.preset=null", f"model.config={config}"]
 
 
-def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, root: Path, reuse: bool) -> dict:
+def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, par: str, root: Path,
+            reuse: bool) -> dict:
     """Train one row for real (or reuse its summary.json); returns the summary."""
-    out = run_dir(root, model, rung, world_size, precision, ac)
+    out = run_dir(root, model, rung, world_size, precision, ac, par)
     summary = out / "summary.json"
     if reuse and summary.is_file():
         return json.loads(summary.read_text())
@@ -66,7 +72,7 @@ def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, ro
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml", "--ds-config", rung,
                "--num-procs", str(world_size), "--output-dir", str(out),
                *model_args(model, root), f"train.precision={precision}",
-               f"train.activation_checkpointing={str(ac).lower()}", *RUN_ARGS]
+               f"train.activation_checkpointing={str(ac).lower()}", *RUN_ARGS, *PARALLEL[par]]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)  # it sweeps its shm itself
         if proc.returncode == 0 and summary.is_file():
             return json.loads(summary.read_text())
@@ -87,7 +93,7 @@ FIXED_KNOBS = {"zero_optimization.sub_group_size": 10**9, "zero_optimization.sta
 
 
 def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cpu_mem: int | None = None,
-            knobs: dict | None = None) -> int:
+            knobs: dict | None = None, par: str = "") -> int:
     """The planner's per-rank bytes on a CPU-only node with `world_size` ranks and `cpu_mem` of RAM, above the
     process baseline: with the knobs the run used when given (a row's `sized`), else sized for that node."""
     from zero_trainer import plan
@@ -96,7 +102,8 @@ def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cp
     shape = plan.shape_from_config(_config(model), name=model) if model == OVERHEAD else plan.model_shape(model)
     hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=cpu_mem or plan.physical_memory_bytes(),
                        nvme=2**50)  # disk is not what a row measures (the runs had room)
-    workload = plan.Workload(SEQ_LEN, MICRO_BATCH, precision)
+    workload = plan.Workload(SEQ_LEN, MICRO_BATCH, precision, tp=2 if par == "tp2" else 1,
+                             sp=2 if par == "sp2" else 1)
     raw = load_ds_config(rung)[1]
     if knobs:
         raw = fill_sized(raw, knobs)[0]
@@ -117,7 +124,7 @@ def physical_memory_bytes() -> int:
     return probe()
 
 
-def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: dict | None) -> dict:
+def make_row(model, rung, world_size, precision, ac, par, summary: dict | None, old: dict | None) -> dict:
     if summary is not None:
         measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
         extra = {"rss_before_model_bytes": summary["rss_before_model_bytes"], "wall_s": round(summary["wall_s"], 1),
@@ -127,9 +134,10 @@ def make_row(model, rung, world_size, precision, ac, summary: dict | None, old: 
         measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params",
                                                                        "measured_on", "cpu_mem_bytes", "sized")
                                                   if k in old}
-    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"), extra.get("sized"))
+    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"), extra.get("sized"), par)
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
-            "activation_checkpointing": ac, "predicted_bytes": predicted, "measured_bytes": measured,
+            "activation_checkpointing": ac, **({"parallel": par} if par else {}),
+            "predicted_bytes": predicted, "measured_bytes": measured,
             "ratio": round(predicted / measured, 4), **extra}
 
 
@@ -137,13 +145,15 @@ def default_rows() -> list[tuple]:
     """bf16 (what the planner assumes) on every model, rung and world size; fp32 and activation checkpointing
     on the largest model; the overhead probe on every rung; the 1b preset on ZeRO-Infinity (bench/scale.py
     checks the planner at 4B)."""
-    rows = [(m, r, ws, "bf16", False) for m in MODELS for r in RUNGS for ws in WORLD_SIZES]
-    rows += [("minimind-104m", r, ws, "fp32", False) for r in RUNGS for ws in WORLD_SIZES]
-    rows += [("minimind-104m", r, 1, "bf16", True) for r in ("zero0", "zero2", "zero3")]
-    rows += [(OVERHEAD, r, ws, "bf16", False) for r in RUNGS for ws in WORLD_SIZES]
+    rows = [(m, r, ws, "bf16", False, "") for m in MODELS for r in RUNGS for ws in WORLD_SIZES]
+    rows += [("minimind-104m", r, ws, "fp32", False, "") for r in RUNGS for ws in WORLD_SIZES]
+    rows += [("minimind-104m", r, 1, "bf16", True, "") for r in ("zero0", "zero2", "zero3")]
+    rows += [(OVERHEAD, r, ws, "bf16", False, "") for r in RUNGS for ws in WORLD_SIZES]
+    # tensor and sequence parallelism at 2 ranks: AutoTP on ZeRO-1, Ulysses on ZeRO-3 (ALST's stage)
+    rows += [("minimind-26m", "zero1", 2, "bf16", False, "tp2"), ("minimind-26m", "zero3", 2, "bf16", False, "sp2")]
     # a billion parameters on the rung that holds it here; fp32, because a CPU without AVX-512 multiplies bf16 at
     # ~1 GFLOP/s (a bf16 1b step would take most of an hour)
-    rows += [("1b", "zero3_nvme", 1, "fp32", False)]
+    rows += [("1b", "zero3_nvme", 1, "fp32", False, "")]
     return rows
 
 
@@ -208,6 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--rungs", nargs="+", choices=RUNGS)
     p.add_argument("--world-sizes", nargs="+", type=int, choices=WORLD_SIZES)
     p.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"))
+    p.add_argument("--parallel", nargs="+", choices=("none", "tp2", "sp2"), help="model-parallel rows")
     p.add_argument("--predict-only", action="store_true", help="keep the measurements in the results file, re-predict")
     p.add_argument("--reuse", action="store_true", help="reuse summary.json files already under --runs-dir")
     p.add_argument("--runs-dir", default="/tmp/zt_plan_calibration", help="where the runs write")
@@ -221,18 +232,19 @@ def main(argv=None) -> int:
     wanted = [row for row in default_rows()
               if (not args.models or row[0] in args.models) and (not args.rungs or row[1] in args.rungs)
               and (not args.world_sizes or row[2] in args.world_sizes)
-              and (not args.precisions or row[3] in args.precisions)]
+              and (not args.precisions or row[3] in args.precisions)
+              and (not args.parallel or (row[5] or "none") in args.parallel)]
     root = Path(args.runs_dir)
     new_rows = dict(old_rows)
-    for model, rung, ws, precision, ac in wanted:
-        key = (model, rung, ws, precision, ac)
+    for model, rung, ws, precision, ac, par in wanted:
+        key = (model, rung, ws, precision, ac, par)
         if args.predict_only:
             if key in old_rows:
                 new_rows[key] = make_row(*key, None, old_rows[key])
             continue
         t = time.time()
-        print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} ...", end=" ", flush=True)
-        summary = measure(model, rung, ws, precision, ac, root, args.reuse)
+        print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} {par} ...", end=" ", flush=True)
+        summary = measure(model, rung, ws, precision, ac, par, root, args.reuse)
         new_rows[key] = make_row(*key, summary, None)
         print(f"measured {new_rows[key]['measured_bytes'] / 2**20:.0f} MiB, predicted "
               f"{new_rows[key]['predicted_bytes'] / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)

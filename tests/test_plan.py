@@ -404,8 +404,9 @@ def test_committed_calibration_rows_are_within_bound():
     for r in rows:
         assert abs(r["ratio"] - 1) <= cal.BOUND, r
         predicted = cal.predict(r["model"], r["rung"], r["world_size"], r["precision"], r["activation_checkpointing"],
-                                r.get("cpu_mem_bytes"), r.get("sized"))
+                                r.get("cpu_mem_bytes"), r.get("sized"), r.get("parallel", ""))
         assert abs(predicted / r["measured_bytes"] - 1) <= cal.BOUND, (r, predicted)
+    assert {r.get("parallel") for r in rows} >= {"tp2", "sp2"}  # AutoTP and Ulysses rows, measured like the rest
 
 
 @pytest.mark.multiproc
@@ -417,5 +418,5 @@ def test_calibration_holds_live(engine_runs):
     cal = calibration_module()
     assert CALIBRATION_RUN_ARGS == cal.RUN_ARGS
     summary = engine_runs["calibration", 1]
-    row = cal.make_row("debug", "zero2", 1, "bf16", False, summary, None)
+    row = cal.make_row("debug", "zero2", 1, "bf16", False, "", summary, None)
     assert abs(row["ratio"] - 1) <= cal.BOUND, row
