@@ -368,8 +368,12 @@ def count_params(preset_or_config, **overrides) -> int:
 def count_active_params(preset_or_config, **overrides) -> int:
     """Parameters one token uses: all of a dense model; a MoE's minus the experts its router leaves out."""
     cfg = model_config(preset_or_config, **overrides)
-    total = count_params(cfg)
+    return count_params(cfg) - idle_expert_params(cfg)
+
+
+def idle_expert_params(cfg) -> int:
+    """Expert parameters a token does not use (0 for a dense model)."""
     if not getattr(cfg, "is_moe", False):
-        return total
+        return 0
     idle = cfg.num_local_experts - cfg.num_experts_per_tok
-    return total - cfg.num_hidden_layers * idle * 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.num_hidden_layers * idle * 3 * cfg.hidden_size * cfg.intermediate_size

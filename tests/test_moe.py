@@ -1,0 +1,148 @@
+"""Mixture of experts end to end: experts split over ranks (deepspeed.moe, ZeRO-2), the plain MoE block at ZeRO-1/2
+and as a ZeRO-3 leaf module, exact resume, export to MixtralForCausalLM; refusals in-process.
+
+One 2-rank launch trains debug-moe three ways (ep=1 zero2, ep=2 zero2, ep=1 zero3), 12 steps each, checkpoints every
+3 steps; a second launch resumes the ep=2 run. In fp32 the three must give the same per-step losses: the same
+initial weights, the same routing (softmax, top-k, renormalised, no token dropped) and the same data, only the
+placement of experts and the reductions differ.
+"""
+
+import csv
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BASE, STEPS, assert_losses_close, fork_run, launch_engines, launch_ranks
+
+from zero_trainer.checkpoint import newest_complete
+
+MOE = ["model.preset=debug-moe", "train.save_every=3", "train.keep_last=10"]
+RUNS = {"ep1_zero2": [*BASE, *MOE, "deepspeed.config=zero2"],
+        "ep2_zero2": [*BASE, *MOE, "deepspeed.config=zero2", "parallel.ep=2"],
+        "ep1_zero3": [*BASE, *MOE, "deepspeed.config=zero3"]}
+
+
+@pytest.fixture(scope="session")
+def moe_runs(tmp_path_factory) -> dict[str, dict]:
+    """The three runs, launched once per test session (under pytest-xdist by the first worker that asks)."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = tmp_path_factory.getbasetemp().parent / f"moe-{run_id}" if run_id else tmp_path_factory.mktemp("moe")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "launch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "summaries.json"
+        if not done.exists():
+            done.write_text(json.dumps(launch_engines(root, 2, RUNS)))
+        return json.loads(done.read_text())
+
+
+def refused(capsys, out, flags, overrides) -> str:
+    """`zero-trainer train` in this process: exit 2, one `error:` line, nothing written under `out`."""
+    from zero_trainer.cli import main
+
+    listing = sorted((str(p), p.stat().st_mtime_ns) for p in Path(out).rglob("*"))
+    capsys.readouterr()
+    code = main(["train", "--recipe", "recipes/debug.yaml", "--output-dir", str(out), *flags, *BASE, *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in Path(out).rglob("*")) == listing
+    return err
+
+
+def _metrics(summary: dict) -> list[dict]:
+    with open(Path(summary["recipe"]["output_dir"]) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.multiproc
+def test_moe_ep2_and_zero3_leaf_module_train_like_ep1(moe_runs):
+    from zero_trainer.model import count_active_params, count_params
+
+    ep1, ep2, z3 = moe_runs["ep1_zero2"], moe_runs["ep2_zero2"], moe_runs["ep1_zero3"]
+    losses = ep1["losses"]
+    assert len(losses) == STEPS and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert_losses_close(ep2["losses"], losses, 1e-4)
+    assert_losses_close(z3["losses"], losses, 1e-4)
+    aux = {name: [float(r["aux_loss"]) for r in _metrics(s)] for name, s in moe_runs.items()}
+    assert all(1.0 <= a <= 4 * 4.0 for a in aux["ep1_zero2"]), aux  # 4 layers, each between 1 (balanced) and 4
+    assert_losses_close(aux["ep2_zero2"], aux["ep1_zero2"], 1e-3)
+    assert_losses_close(aux["ep1_zero3"], aux["ep1_zero2"], 1e-3)
+    for s in (ep1, ep2, z3):
+        assert s["params"] == count_params("debug-moe") and s["active_params"] == count_active_params("debug-moe")
+        assert s["active_params"] < s["params"]
+    # ZeRO-3 ran the plain block as a leaf module; ep=2 saved one file per expert and per layer
+    assert "zero_trainer.model.SparseMoeBlock" in z3["ds_config"]["zero_optimization"]["leaf_module"]["classes"]
+    ckpt = newest_complete(Path(ep2["recipe"]["output_dir"]) / "checkpoints")
+    assert len(list(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4 * 4
+
+
+@pytest.mark.multiproc
+def test_moe_ep2_exact_resume_and_refusals(moe_runs, tmp_path, capsys):
+    straight = moe_runs["ep2_zero2"]
+    out = fork_run(straight, 6, tmp_path / "run")
+    resume = ["--ds-config", "zero2", "--resume", "--num-procs"]
+    err = refused(capsys, out, [*resume, "2"], [*MOE, "parallel.ep=1"])
+    assert "saved at parallel.ep=2 with parallel.ep=1" in err
+    err = refused(capsys, out, [*resume, "4"], [*MOE, "parallel.ep=2"])
+    assert "checkpoint of 2 ranks on 4" in err
+    summary = launch_ranks(out, "zero2", 2, resume=True, overrides=[*MOE, "parallel.ep=2"])
+    assert summary["resumed_from"].endswith("step_00000006")
+    assert_losses_close(summary["losses"], straight["losses"], 1e-6)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["ep2_zero2", "ep1_zero3"])
+def test_moe_export_is_mixtral_computing_the_trained_function(moe_runs, name, tmp_path, capsys):
+    """The exported MixtralForCausalLM recomputes what the trained engine computed at its last step: its eval loss
+    (cross-entropy + coefficient x load-balancing loss, per rank on that rank's eval blocks) and its greedy sample."""
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    from zero_trainer.cli import main
+    from zero_trainer.export import gather_state_dict
+    from zero_trainer.model import build_model, load_balancing_loss
+    from zero_trainer.recipe import load_recipe
+    from zero_trainer.resolve import load_data
+
+    summary = moe_runs[name]
+    ckpt = newest_complete(Path(summary["recipe"]["output_dir"]) / "checkpoints")
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(model) is MixtralForCausalLM and model.config.num_local_experts == 4
+
+    recipe = load_recipe("debug", RUNS[name])
+    data = load_data(recipe, model.config.vocab_size)
+    micro, coef = recipe.train.micro_batch, model.config.router_aux_loss_coef
+    per_rank = []
+    with torch.no_grad():
+        for rank in range(summary["world_size"]):  # trainer.evaluate with eval_batches=1
+            x = torch.from_numpy(data.eval[rank * micro:(rank + 1) * micro].astype("int64"))
+            out = model(input_ids=x, output_router_logits=True)
+            aux = sum(load_balancing_loss(r.float().softmax(-1), r.topk(model.config.num_experts_per_tok).indices, 4)
+                      for r in out.router_logits)
+            ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+            per_rank.append((ce + coef * aux).item())
+        assert abs(sum(per_rank) / len(per_rank) - summary["eval_loss"]) <= 1e-5, (per_rank, summary["eval_loss"])
+        prompt = torch.from_numpy(data.eval[:1, :16].astype("int64"))
+        ids = model.generate(prompt, max_new_tokens=recipe.train.sample_tokens, do_sample=False)
+    text = data.tokenizer.decode(prompt[0].tolist()) + " ⟶ " + data.tokenizer.decode(ids[0, 16:].tolist())
+    assert text == summary["sample"]
+    if name == "ep1_zero3":  # the plain block's names are Mixtral's: DeepSpeed's zero_to_fp32 weights load as they are
+        ours = build_model("debug-moe").eval()
+        ours.load_state_dict(gather_state_dict(ckpt, 3), strict=False)
+        ours.tie_weights()
+        with torch.no_grad():
+            assert (ours(x).logits - model(x).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("config,procs,overrides,message", [
+    ("zero3", 2, ["model.preset=debug-moe", "parallel.ep=2"], "needs ZeRO stage 1 or 2, not 3"),
+    ("zero2", 3, ["model.preset=debug-moe", "parallel.ep=3"], "does not divide the model's 4 experts"),
+    ("zero2", 1, ["model.preset=debug-moe", "parallel.ep=2"], "does not divide the world size 1"),
+    ("zero2", 2, ["model.preset=debug", "parallel.ep=2"], "is a dense model"),
+], ids=["zero3", "experts", "world-size", "dense"])
+def test_expert_parallel_refusals(config, procs, overrides, message, tmp_path, capsys):
+    flags = ["--ds-config", config, "--num-procs", str(procs)]
+    assert message in refused(capsys, tmp_path / "run", flags, overrides)
