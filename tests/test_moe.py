@@ -74,6 +74,7 @@ def test_moe_ep2_and_zero3_leaf_module_train_like_ep1(moe_runs):
         assert s["params"] == count_params("debug-moe") and s["active_params"] == count_active_params("debug-moe")
         assert s["active_params"] < s["params"]
     # ZeRO-3 ran the plain block as a leaf module; ep=2 saved one file per expert and per layer
+    assert ep2["experts"]["experts_per_rank"] == 2 and ep1["experts"]["experts_per_rank"] == 4
     assert "zero_trainer.model.SparseMoeBlock" in z3["ds_config"]["zero_optimization"]["leaf_module"]["classes"]
     ckpt = newest_complete(Path(ep2["recipe"]["output_dir"]) / "checkpoints")
     assert len(list(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4 * 4
@@ -146,3 +147,24 @@ def test_moe_export_is_mixtral_computing_the_trained_function(moe_runs, name, tm
 def test_expert_parallel_refusals(config, procs, overrides, message, tmp_path, capsys):
     flags = ["--ds-config", config, "--num-procs", str(procs)]
     assert message in refused(capsys, tmp_path / "run", flags, overrides)
+
+
+def test_planner_counts_experts():
+    """Exact counts of the MoE presets (the meta build's tensors, in order), total vs active parameters, experts per
+    rank at ep, and the MoE layers' extra activations in the plan."""
+    from zero_trainer import plan
+    from zero_trainer.model import count_active_params, param_sizes
+
+    for name in ("debug-moe", "minimind-moe"):
+        shape = plan.model_shape(name)
+        assert list(shape.param_sizes) == param_sizes(name) and shape.params == sum(param_sizes(name))
+        assert plan.active_params(shape) == count_active_params(name) < shape.params
+    shape, workload = plan.model_shape("minimind-moe"), plan.Workload(512, 16, "bf16")
+    assert plan.expert_params(shape) == 8 * 4 * 3 * 512 * 1408
+    one, two = (plan.expert_parallel_split(shape, ep, 2, workload) for ep in (1, 2))
+    assert two["experts_per_rank"] == 2 and two["expert_params_per_rank"] * 2 == one["expert_params_per_rank"]
+    assert one["all_to_all_bytes_per_layer"] == 0 and two["all_to_all_bytes_per_layer"] == 2 * 512 * 16 * 512 * 2
+    dense = plan.model_shape("minimind-26m")
+    assert plan.moe_activation_bytes(dense, workload, False) == 0 < plan.moe_activation_bytes(shape, workload, False)
+    # ZeRO-3 gathers the whole MoE block (a leaf module) at once: the planner's layer is the block
+    assert shape.layer_params - dense.layer_params == 4 * 512 + 3 * 3 * 512 * 1408

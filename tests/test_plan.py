@@ -39,7 +39,7 @@ def test_presets_are_data_both_model_and_planner_read():
     from zero_trainer import model, presets
 
     assert model.PRESETS is presets.PRESETS and plan.PRESETS is presets.PRESETS
-    assert all(isinstance(v, (int, bool)) for shape in presets.PRESETS.values() for v in shape.values())
+    assert all(isinstance(v, (int, float, bool)) for shape in presets.PRESETS.values() for v in shape.values())
 
 
 @pytest.mark.parametrize("preset", ["debug", "minimind-26m", "minimind-104m", "1b", "3b", "7b", "13b", "70b"])

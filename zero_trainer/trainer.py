@@ -16,6 +16,7 @@ from .ds_config import load_universal_checkpoint, zero_stage
 from .hardware import local_world_size
 from .model import build_model, idle_expert_params
 from .ops import clear_stale_locks, release_shm_buffer
+from .plan import expert_parallel_split
 from .recipe import Recipe
 from .resolve import resolve
 
@@ -290,6 +291,9 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         "wall_s": time.time() - t0, "losses": losses, "sample": sample,
         "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": recipe.to_dict(),
     }
+    if run.moe:  # the planner's per-rank expert numbers at this ep
+        plan = run.resolved.plan
+        summary["experts"] = expert_parallel_split(plan.model, recipe.parallel.ep, run.world_size, plan.workload)
     if is_main:
         metrics.write_summary(run.out / "summary.json", summary)
         print(f"sample: {sample}\n"
