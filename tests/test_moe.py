@@ -1,10 +1,10 @@
 """Mixture of experts end to end: experts split over ranks (deepspeed.moe, ZeRO-2), the plain MoE block at ZeRO-1/2
 and as a ZeRO-3 leaf module, exact resume, export to MixtralForCausalLM; refusals in-process.
 
-One 2-rank launch trains debug-moe three ways (ep=1 zero2, ep=2 zero2, ep=1 zero3), 12 steps each, checkpoints every
-3 steps; a second launch resumes the ep=2 run. In fp32 the three must give the same per-step losses: the same
-initial weights, the same routing (softmax, top-k, renormalised, no token dropped) and the same data, only the
-placement of experts and the reductions differ.
+One 2-rank launch trains debug-moe four ways (ep=1 zero2, ep=2 zero2, ep=1 zero3, and ep=2 zero2 in bf16), 12 steps
+each, the fp32 ones with checkpoints every 3 steps; a second launch resumes the ep=2 run. The three fp32 runs must
+give the same per-step losses: the same initial weights, the same routing (softmax, top-k, renormalised, no token
+dropped) and the same data; only the placement of experts and the reductions differ.
 """
 
 import csv
@@ -22,7 +22,9 @@ from zero_trainer.checkpoint import newest_complete
 MOE = ["model.preset=debug-moe", "train.save_every=3", "train.keep_last=10"]
 RUNS = {"ep1_zero2": [*BASE, *MOE, "deepspeed.config=zero2"],
         "ep2_zero2": [*BASE, *MOE, "deepspeed.config=zero2", "parallel.ep=2"],
-        "ep1_zero3": [*BASE, *MOE, "deepspeed.config=zero3"]}
+        "ep1_zero3": [*BASE, *MOE, "deepspeed.config=zero3"],
+        "ep2_zero2_bf16": [*BASE, "model.preset=debug-moe", "deepspeed.config=zero2", "parallel.ep=2",
+                           "train.precision=bf16"]}
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +63,17 @@ def _metrics(summary: dict) -> list[dict]:
 def test_moe_ep2_and_zero3_leaf_module_train_like_ep1(moe_runs):
     from zero_trainer.model import count_active_params, count_params
 
-    ep1, ep2, z3 = moe_runs["ep1_zero2"], moe_runs["ep2_zero2"], moe_runs["ep1_zero3"]
+    ep1, ep2, z3, bf16 = (moe_runs[n] for n in ("ep1_zero2", "ep2_zero2", "ep1_zero3", "ep2_zero2_bf16"))
     losses = ep1["losses"]
     assert len(losses) == STEPS and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     assert_losses_close(ep2["losses"], losses, 1e-4)
     assert_losses_close(z3["losses"], losses, 1e-4)
+    assert_losses_close(bf16["losses"], losses, 0.05)  # bf16 weights and activations, fp32 routing
     aux = {name: [float(r["aux_loss"]) for r in _metrics(s)] for name, s in moe_runs.items()}
     assert all(1.0 <= a <= 4 * 4.0 for a in aux["ep1_zero2"]), aux  # 4 layers, each between 1 (balanced) and 4
     assert_losses_close(aux["ep2_zero2"], aux["ep1_zero2"], 1e-3)
     assert_losses_close(aux["ep1_zero3"], aux["ep1_zero2"], 1e-3)
-    for s in (ep1, ep2, z3):
+    for s in (ep1, ep2, z3, bf16):
         assert s["params"] == count_params("debug-moe") and s["active_params"] == count_active_params("debug-moe")
         assert s["active_params"] < s["params"]
     # ZeRO-3 ran the plain block as a leaf module; ep=2 saved one file per expert and per layer
