@@ -4,7 +4,8 @@ and as a ZeRO-3 leaf module, exact resume, export to MixtralForCausalLM; refusal
 One 2-rank launch trains debug-moe four ways (ep=1 zero2, ep=2 zero2, ep=1 zero3, and ep=2 zero2 in bf16), 12 steps
 each, the fp32 ones with checkpoints every 3 steps; a second launch resumes the ep=2 run. The three fp32 runs must
 give the same per-step losses: the same initial weights, the same routing (softmax, top-k, renormalised, no token
-dropped) and the same data; only the placement of experts and the reductions differ.
+dropped) and the same data; only the placement of experts and the reductions differ. The bf16 run (4 steps: bf16
+matmuls are slow on CPU) stays near them.
 """
 
 import csv
@@ -24,7 +25,7 @@ RUNS = {"ep1_zero2": [*BASE, *MOE, "deepspeed.config=zero2"],
         "ep2_zero2": [*BASE, *MOE, "deepspeed.config=zero2", "parallel.ep=2"],
         "ep1_zero3": [*BASE, *MOE, "deepspeed.config=zero3"],
         "ep2_zero2_bf16": [*BASE, "model.preset=debug-moe", "deepspeed.config=zero2", "parallel.ep=2",
-                           "train.precision=bf16"]}
+                           "train.precision=bf16", "train.max_steps=4"]}  # bf16 matmuls are slow on CPU
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +69,7 @@ def test_moe_ep2_and_zero3_leaf_module_train_like_ep1(moe_runs):
     assert len(losses) == STEPS and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     assert_losses_close(ep2["losses"], losses, 1e-4)
     assert_losses_close(z3["losses"], losses, 1e-4)
-    assert_losses_close(bf16["losses"], losses, 0.05)  # bf16 weights and activations, fp32 routing
+    assert_losses_close(bf16["losses"][:3], losses[:3], 0.02)  # bf16 weights and activations, fp32 routing
     aux = {name: [float(r["aux_loss"]) for r in _metrics(s)] for name, s in moe_runs.items()}
     assert all(1.0 <= a <= 4 * 4.0 for a in aux["ep1_zero2"]), aux  # 4 layers, each between 1 (balanced) and 4
     assert_losses_close(aux["ep2_zero2"], aux["ep1_zero2"], 1e-3)
