@@ -170,5 +170,19 @@ def test_planner_counts_experts():
     assert one["all_to_all_bytes_per_layer"] == 0 and two["all_to_all_bytes_per_layer"] == 2 * 512 * 16 * 512 * 2
     dense = plan.model_shape("minimind-26m")
     assert plan.moe_activation_bytes(dense, workload, False) == 0 < plan.moe_activation_bytes(shape, workload, False)
+    line = plan.experts_line(shape, 2, 2, workload)
+    assert "77.75M parameters, 25.85M active per token" in line and "2 experts a rank (34.60M" in line
+    assert "all-to-all 16.0 MiB a MoE layer when balanced, up to 64.0 MiB" in line
     # ZeRO-3 gathers the whole MoE block (a leaf module) at once: the planner's layer is the block
     assert shape.layer_params - dense.layer_params == 4 * 512 + 3 * 3 * 512 * 1408
+
+
+def test_plan_command_shows_experts_and_refuses_a_bad_ep(capsys):
+    from zero_trainer.cli import main
+
+    hw = ["plan", "--model", "minimind-moe", "--gpus-per-node", "2", "--gpu-mem", "24", "--cpu-mem", "64"]
+    assert main([*hw, "--ep", "2"]) == 0
+    assert "at ep=2 2 experts a rank" in capsys.readouterr().out
+    assert main([*hw, "--ep", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ep 3 must divide the 4 experts") and len(err.strip().splitlines()) == 1

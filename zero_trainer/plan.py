@@ -203,6 +203,20 @@ def expert_parallel_split(shape: ModelShape, ep: int, world_size: int, workload:
             if ep > 1 else 0}
 
 
+def experts_line(shape: ModelShape, ep: int, world_size: int, workload: "Workload") -> str:
+    """A MoE's experts in one line for `zero-trainer plan`: total vs active parameters, the split at `ep`."""
+    split = expert_parallel_split(shape, ep, world_size, workload)
+    line = (f"experts: {shape.experts} per layer x {shape.layers} layers, top-{shape.experts_per_token}; "
+            f"{shape.params / 1e6:.2f}M parameters, {active_params(shape) / 1e6:.2f}M active per token; at ep={ep} "
+            f"{split['experts_per_rank']} experts a rank ({split['expert_params_per_rank'] / 1e6:.2f}M parameters)")
+    if ep > 1:
+        mib = {k: split[k] / 2**20 for k in ("all_to_all_bytes_per_layer", "all_to_all_bytes_per_layer_worst")}
+        line += (f", all-to-all {mib['all_to_all_bytes_per_layer']:.1f} MiB a MoE layer when balanced, up to "
+                 f"{mib['all_to_all_bytes_per_layer_worst']:.1f} MiB; the rung is chosen as if every rank held "
+                 "every expert")
+    return line
+
+
 def model_shape(model, where: str = "--model") -> ModelShape:
     """A preset name, a local config.json (file or dir), or a transformers config. Raises UsageError."""
     if isinstance(model, ModelShape):
