@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus N tests/engines_check.py SPEC.json
 
-SPEC.json is a list of {"output_dir", "overrides"} (recipe overrides as on the command line). Each entry is a whole
+SPEC.json is a list of {"output_dir", "overrides"} (recipe overrides as on the command line; "resume": true continues
+the output dir's newest complete checkpoint). Each entry is a whole
 `run_training`: resolve, a fresh model and deepspeed.initialize, the loop, eval, summary.json — what
 `python -m zero_trainer.train` does, minus the ~20 s every new process spends importing torch and DeepSpeed.
 """
@@ -17,7 +18,7 @@ from zero_trainer.trainer import run_training
 def main(spec_path: str) -> None:
     for entry in json.loads(open(spec_path).read()):
         recipe = load_recipe("debug", [*entry["overrides"], f"output_dir={entry['output_dir']}"])
-        run_training(recipe)
+        run_training(recipe, resume=entry.get("resume", False))
 
 
 if __name__ == "__main__":

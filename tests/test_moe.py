@@ -2,21 +2,22 @@
 and as a ZeRO-3 leaf module, exact resume, export to MixtralForCausalLM; refusals in-process.
 
 One 2-rank launch trains debug-moe four ways (ep=1 zero2, ep=2 zero2, ep=1 zero3, and ep=2 zero2 in bf16), 12 steps
-each, the fp32 ones with checkpoints every 3 steps; a second launch resumes the ep=2 run. The three fp32 runs must
-give the same per-step losses: the same initial weights, the same routing (softmax, top-k, renormalised, no token
-dropped) and the same data; only the placement of experts and the reductions differ. The bf16 run (4 steps: bf16
-matmuls are slow on CPU) stays near them.
+each, the fp32 ones with checkpoints every 3 steps; a second launch resumes three of them from step 6. The three
+fp32 runs must give the same per-step losses: the same initial weights, the same routing (softmax, top-k,
+renormalised, no token dropped) and the same data; only the placement of experts and the reductions differ. The
+bf16 run (4 steps: bf16 matmuls are slow on CPU) stays near them.
 """
 
 import csv
 import fcntl
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, STEPS, assert_losses_close, fork_run, launch_engines, launch_ranks
+from conftest import BASE, BIN, REPO, STEPS, assert_losses_close, fork_run, free_port, launch_engines, read_summary
 
 from zero_trainer.checkpoint import newest_complete
 
@@ -85,17 +86,32 @@ def test_moe_ep2_and_zero3_leaf_module_train_like_ep1(moe_runs):
 
 
 @pytest.mark.multiproc
-def test_moe_ep2_exact_resume_and_refusals(moe_runs, tmp_path, capsys):
-    straight = moe_runs["ep2_zero2"]
-    out = fork_run(straight, 6, tmp_path / "run")
+def test_moe_resume_exact_at_ep2_and_zero3_through_universal_at_ep1_and_refusals(moe_runs, tmp_path, capsys):
+    """From step 6 of each run, in one 2-rank launch: ep=2 resumes exactly; the ZeRO-3 leaf-module run resumes
+    exactly; the ep=1 ZeRO-2 run resumes at ZeRO-1 (a stage change: DeepSpeed's universal checkpoint, as for dense
+    models). An expert-parallel checkpoint at another ep or world size is refused before launching."""
+    forks = {name: fork_run(moe_runs[name], 6, tmp_path / name) for name in ("ep2_zero2", "ep1_zero3", "ep1_zero2")}
     resume = ["--ds-config", "zero2", "--resume", "--num-procs"]
-    err = refused(capsys, out, [*resume, "2"], [*MOE, "parallel.ep=1"])
+    err = refused(capsys, forks["ep2_zero2"], [*resume, "2"], [*MOE, "parallel.ep=1"])
     assert "saved at parallel.ep=2 with parallel.ep=1" in err
-    err = refused(capsys, out, [*resume, "4"], [*MOE, "parallel.ep=2"])
+    err = refused(capsys, forks["ep2_zero2"], [*resume, "4"], [*MOE, "parallel.ep=2"])
     assert "checkpoint of 2 ranks on 4" in err
-    summary = launch_ranks(out, "zero2", 2, resume=True, overrides=[*MOE, "parallel.ep=2"])
-    assert summary["resumed_from"].endswith("step_00000006")
-    assert_losses_close(summary["losses"], straight["losses"], 1e-6)
+
+    spec = [{"output_dir": str(forks["ep2_zero2"]), "overrides": RUNS["ep2_zero2"], "resume": True},
+            {"output_dir": str(forks["ep1_zero3"]), "overrides": RUNS["ep1_zero3"], "resume": True},
+            {"output_dir": str(forks["ep1_zero2"]), "resume": True,
+             "overrides": [*RUNS["ep1_zero2"], "deepspeed.config=zero1"]}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    port = free_port()
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+                           "tests/engines_check.py", str(tmp_path / "spec.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for name, tol in (("ep2_zero2", 1e-6), ("ep1_zero3", 1e-6), ("ep1_zero2", 1e-5)):
+        summary = read_summary(forks[name])
+        assert summary["resumed_from"].endswith("step_00000006"), name
+        assert_losses_close(summary["losses"], moe_runs[name]["losses"], tol)
+    assert (forks["ep1_zero2"] / "checkpoints" / "universal" / "step_00000006").is_dir()
 
 
 @pytest.mark.multiproc
