@@ -202,3 +202,21 @@ def test_plan_command_shows_experts_and_refuses_a_bad_ep(capsys):
     assert main([*hw, "--ep", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --ep 3 must divide the 4 experts") and len(err.strip().splitlines()) == 1
+
+
+def test_zero3_config_makes_the_moe_block_a_leaf_module():
+    """The class path resolve writes into zero_optimization.leaf_module is one DeepSpeed resolves to our block."""
+    from deepspeed.runtime.zero.leaf_module_config import DeepSpeedZeroLeafModuleConfig
+    from deepspeed.utils.z3_leaf_module import apply_zero_leaf_module_config, z3_leaf_module
+
+    from zero_trainer.ds_config import load_ds_config
+    from zero_trainer.model import build_model
+    from zero_trainer.recipe import load_recipe
+    from zero_trainer.resolve import check_experts
+
+    model = build_model("debug-moe")
+    recipe = load_recipe("debug", ["model.preset=debug-moe"])
+    ds = check_experts(recipe, model.config, 2, load_ds_config("zero3")[1])
+    apply_zero_leaf_module_config(model, DeepSpeedZeroLeafModuleConfig(**ds["zero_optimization"]["leaf_module"]))
+    assert all(z3_leaf_module(layer.mlp) for layer in model.model.layers)
+    assert "leaf_module" not in check_experts(recipe, model.config, 2, load_ds_config("zero2")[1])["zero_optimization"]
