@@ -1,7 +1,8 @@
 """A Llama-architecture causal LM (RMSNorm, RoPE, GQA, SwiGLU) on transformers' PreTrainedModel.
 
-Parameter names match `transformers.LlamaForCausalLM`, so a state_dict moves between the two unchanged and
-save_pretrained / from_pretrained / generate come from transformers. Nothing here knows about DeepSpeed.
+Parameter names match `transformers.LlamaForCausalLM` (`MixtralForCausalLM` with experts), so a state_dict moves
+between the two unchanged and save_pretrained / from_pretrained / generate come from transformers.
+Nothing here knows about DeepSpeed.
 """
 
 import copy
@@ -157,7 +158,8 @@ class MLP(nn.Module):
 
 # --- mixture of experts ------------------------------------------------------------------------------------
 # Mixtral's routing and parameter layout (transformers 5: fused expert tensors), so a MoE checkpoint loads into
-# MixtralForCausalLM unchanged. minimind's MoE routes the same way (softmax, top-k, renormalised).
+# MixtralForCausalLM unchanged. minimind's MoE routes the same way for k > 1 (softmax, top-k, renormalised); at
+# k = 1 it keeps the unnormalised probability, Mixtral (and this) a weight of 1.
 
 
 class TopKRouter(nn.Module):
