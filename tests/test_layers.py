@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "presets", "shipped"},
     {"recipe", "hardware", "ops", "metrics"},
     {"model", "data"},
-    {"ds_config"},
+    {"ds_config", "moe"},
     {"plan", "checkpoint"},
     {"parallelize"},
     {"resolve"},

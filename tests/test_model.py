@@ -178,3 +178,54 @@ def test_non_causal_config_json_rejected(tmp_path):
 def test_second_import_registers_again():
     spec = importlib.util.spec_from_file_location("zero_trainer.zero_lm_copy", zm.__file__)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))  # must not raise "already used"
+
+
+# --- mixture of experts -------------------------------------------------------------------------------------
+
+MOE = dict(TINY, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_logits_match_mixtral_and_loss_adds_aux(top_k):
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(0)
+    ours = build_model({**MOE, "num_experts_per_tok": top_k}).eval()
+    ref = MixtralForCausalLM(ours.config.to_hf_config()).eval()
+    ref.load_state_dict(ours.state_dict())  # strict: Mixtral's names and fused expert layout
+    ids = torch.randint(0, 256, (2, 24))
+    a, b = ours(ids, labels=ids), ref(input_ids=ids, labels=ids)
+    assert (a.logits - b.logits).abs().max() <= 1e-4
+    assert torch.allclose(a.loss, b.loss + 0.01 * a.aux_loss, atol=1e-6)
+    assert a.aux_loss == sum(layer.mlp.aux_loss for layer in ours.model.layers)  # summed over layers
+
+
+def test_load_balancing_loss_is_1_when_balanced_and_num_experts_when_collapsed():
+    from zero_trainer.model import load_balancing_loss
+
+    uniform = torch.full((8, 4), 0.25)
+    balanced = torch.arange(8).remainder(4)[:, None]
+    assert load_balancing_loss(uniform, balanced, 4).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 0] = 1.0
+    assert load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long), 4).item() == pytest.approx(4.0)
+
+
+def test_moe_router_gets_a_gradient_from_the_main_loss_only_with_top_k_above_1():
+    for top_k, grad in ((1, False), (2, True)):
+        torch.manual_seed(0)
+        model = build_model({**MOE, "num_experts_per_tok": top_k, "router_aux_loss_coef": 0.0})
+        ids = torch.randint(0, 256, (2, 16))
+        model(ids, labels=ids).loss.backward()
+        norm = model.model.layers[0].mlp.gate.weight.grad.norm().item()
+        assert (norm > 1e-4) if grad else (norm < 1e-6), (top_k, norm)  # top-1: weight 1 (up to rounding)
+
+
+def test_moe_preset_counts():
+    from zero_trainer.model import count_active_params
+
+    assert round(count_params("minimind-moe") / 1e6, 2) == 77.75
+    assert round(count_active_params("minimind-moe") / 1e6, 2) == 25.85  # minimind-26m + 8 routers
+    assert count_active_params("minimind-26m") == count_params("minimind-26m")
+    assert round(count_params("debug-moe") / 1e6, 2) == 2.62
+    assert round(count_active_params("debug-moe") / 1e6, 2) == 1.54

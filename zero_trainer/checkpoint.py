@@ -33,6 +33,7 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 # Model-config fields that must agree for weights to load: a different shape or vocab is a different model.
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+MOE_SHAPE_FIELDS = ("num_local_experts", "num_experts_per_tok")  # recorded for MoE models only
 
 
 def checkpoint_root(output_dir) -> Path:
@@ -84,7 +85,7 @@ def read_state(ckpt: Path) -> dict:
 
 def model_shape(model_cfg) -> dict:
     d = model_cfg.to_dict()
-    return {k: d.get(k) for k in SHAPE_FIELDS}
+    return {k: d.get(k) for k in SHAPE_FIELDS + (MOE_SHAPE_FIELDS if d.get("num_local_experts") else ())}
 
 
 def check_resume(recipe: Recipe, model_cfg, resume: bool, flag: str = "--resume") -> Path | None:
@@ -98,7 +99,8 @@ def check_resume(recipe: Recipe, model_cfg, resume: bool, flag: str = "--resume"
         return None
     ckpt = find_checkpoint(root, flag)
     saved, now = read_state(ckpt)["model_shape"], model_shape(model_cfg)
-    diff = [f"{k} {saved.get(k)} -> {now.get(k)}" for k in SHAPE_FIELDS if saved.get(k) != now.get(k)]
+    diff = [f"{k} {saved.get(k)} -> {now.get(k)}" for k in SHAPE_FIELDS + MOE_SHAPE_FIELDS
+            if saved.get(k) != now.get(k)]
     if diff:
         raise UsageError(f"cannot resume {ckpt.name} into a different model ({', '.join(diff)})", flag,
                          "resume with the recipe the checkpoint was trained with, or start a new --output-dir")
@@ -138,7 +140,9 @@ def save(engine, output_dir, state: dict, keep_last: int) -> Path:
     if rank == 0 and (ckpt / COMPLETE).exists():
         (ckpt / COMPLETE).unlink()  # re-saving a step (after a crash mid-save): not complete until done again
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=dict(UNIVERSAL_INFO), save_latest=False)
+    # DeepSpeed's MoE checkpoint reserves the universal key (and its universal conversion does not regroup experts)
+    client_state = {} if getattr(engine, "has_moe_layers", False) else dict(UNIVERSAL_INFO)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
     delay = float(os.environ.get("ZERO_TRAINER_TEST_SAVE_DELAY_S", 0))  # tests widen the crash window
     if delay:
@@ -193,6 +197,26 @@ def check_tensor_parallel_change(ckpt: Path, tp: int, world_size: int, flag: str
                          f"parallel.tp {tp} on {world_size} ranks: tensor-parallel shards reload only in the layout "
                          "that wrote them", flag,
                          f"resume with parallel.tp={saved} on {state['world_size']} ranks, or `zero-trainer export` "
+                         "the weights and start a new run from them")
+
+
+def saved_expert_parallel(state: dict) -> int:
+    return int(state.get("recipe", {}).get("parallel", {}).get("ep", 1))
+
+
+def check_expert_parallel_change(ckpt: Path, ep: int, world_size: int, flag: str = "--resume") -> None:
+    """Expert-parallel checkpoints hold each rank's own experts (DeepSpeed's layer_L_expert_E files) and expert
+    optimizer partitions; DeepSpeed's universal conversion does not regroup them. Resume at the same ep and world
+    size, or refuse before launching."""
+    state = read_state(ckpt)
+    saved = saved_expert_parallel(state)
+    if saved != ep:
+        raise UsageError(f"cannot resume an expert-parallel checkpoint saved at parallel.ep={saved} with "
+                         f"parallel.ep={ep}", flag, f"resume with parallel.ep={saved}, or `zero-trainer export` the "
+                         "weights and start a new run from them")
+    if ep > 1 and state["world_size"] != world_size:
+        raise UsageError(f"cannot resume an expert-parallel (ep={ep}) checkpoint of {state['world_size']} ranks on "
+                         f"{world_size}", flag, f"resume on {state['world_size']} ranks, or `zero-trainer export` "
                          "the weights and start a new run from them")
 
 

@@ -579,3 +579,18 @@ def nvme_bytes_needed(ds: dict, params: int, precision: str) -> int:
     per_param = 16 if offload_device(ds, "optimizer") == "nvme" else 0
     per_param += (4 if precision == "fp32" else 2) if offload_device(ds, "param") == "nvme" else 0
     return params * per_param
+
+
+def with_leaf_modules(ds: dict, class_paths: list[str]) -> dict:
+    """A copy of a ZeRO-3 `ds` that treats these module classes (dotted paths) as leaf modules: ZeRO-3 gathers a leaf's
+    weights once at its entry and hooks nothing inside it. A MoE block needs it: its experts see different token
+    counts on different ranks, and per-submodule gathers then differ between ranks and hang (DeepSpeed issue 4808).
+    DeepSpeed's own defaults (Mixtral's, Qwen-MoE's blocks) stay in the list."""
+    if zero_stage(ds) != 3:
+        return ds
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+
+    ds = copy.deepcopy(ds)
+    leaf = ds["zero_optimization"].setdefault("leaf_module", {})
+    leaf["classes"] = list(dict.fromkeys([*leaf.get("classes", DEFAULT_LEAF_MODULE_CLASSES), *class_paths]))
+    return ds

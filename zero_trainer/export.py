@@ -2,7 +2,8 @@
 
 Weights are gathered by DeepSpeed's own zero_to_fp32 (stages 1-3: the fp32 master partitions merged), or
 read from the module state DeepSpeed saved (stage 0, where nothing is partitioned). The result loads in
-vanilla transformers as LlamaForCausalLM, with no trust_remote_code.
+vanilla transformers as LlamaForCausalLM (MixtralForCausalLM for a MoE), with no trust_remote_code.
+An expert-parallel checkpoint is read from the module states DeepSpeed saved (moe.mixtral_state_dict).
 """
 
 import hashlib
@@ -31,6 +32,10 @@ def cmd_export(args) -> int:
 def gather_state_dict(ckpt: Path, zero_stage: int) -> dict:
     import torch
 
+    from .moe import is_expert_parallel_checkpoint, mixtral_state_dict
+
+    if is_expert_parallel_checkpoint(ckpt):  # DeepSpeed's per-expert files; zero_to_fp32 does not regroup them
+        return mixtral_state_dict(ckpt)
     if zero_stage == 0:
         module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
@@ -77,7 +82,7 @@ def hf_config(model_config: dict):
     from .model import ZeroLMConfig
 
     if model_config.get("model_type") == ZeroLMConfig.model_type:
-        return ZeroLMConfig.from_dict(model_config).to_llama_config()
+        return ZeroLMConfig.from_dict(model_config).to_hf_config()
     return AutoConfig.for_model(**model_config)
 
 

@@ -84,7 +84,9 @@ class MetricsLog:
     """metrics.csv, one row per logged step, flushed at once so a crash keeps what was logged; the same values
     go to the reporters (train.report_to)."""
 
-    COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mem_bytes", "eval_loss", "time")
+    # aux_loss: a MoE's load-balancing loss (summed over layers, before its coefficient), blank for dense models
+    COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mem_bytes", "eval_loss", "time",
+               "aux_loss")
 
     def __init__(self, path, resume_step: int | None = None, reporters: Reporters | None = None):
         kept = []

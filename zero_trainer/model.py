@@ -1,7 +1,8 @@
 """A Llama-architecture causal LM (RMSNorm, RoPE, GQA, SwiGLU) on transformers' PreTrainedModel.
 
-Parameter names match `transformers.LlamaForCausalLM`, so a state_dict moves between the two unchanged and
-save_pretrained / from_pretrained / generate come from transformers. Nothing here knows about DeepSpeed.
+Parameter names match `transformers.LlamaForCausalLM` (`MixtralForCausalLM` with experts), so a state_dict moves
+between the two unchanged and save_pretrained / from_pretrained / generate come from transformers.
+Nothing here knows about DeepSpeed.
 """
 
 import copy
@@ -21,7 +22,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -48,6 +49,10 @@ class ZeroLMConfig(PretrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (names as in MixtralConfig): 0 experts is the dense Llama MLP.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 1
+    router_aux_loss_coef: float = 0.0  # times the load-balancing loss summed over layers, added to the loss
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -56,6 +61,30 @@ class ZeroLMConfig(PretrainedConfig):
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
                              f"num_key_value_heads {self.num_key_value_heads} must divide evenly")
+        if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and "
+                             f"num_local_experts {self.num_local_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+    def to_hf_config(self) -> PretrainedConfig:
+        """The vanilla transformers config computing the same function: Llama, or Mixtral for a MoE."""
+        return self.to_mixtral_config() if self.is_moe else self.to_llama_config()
+
+    def to_mixtral_config(self):
+        from transformers import MixtralConfig
+
+        llama = self.to_llama_config().to_dict()
+        same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "head_dim", "rope_parameters",
+                "hidden_act")
+        return MixtralConfig(**{k: llama[k] for k in same}, num_local_experts=self.num_local_experts,
+                             num_experts_per_tok=self.num_experts_per_tok,
+                             router_aux_loss_coef=self.router_aux_loss_coef, router_jitter_noise=0.0,
+                             sliding_window=None, output_router_logits=False)
 
     def to_llama_config(self) -> LlamaConfig:
         same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -137,6 +166,68 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# --- mixture of experts ------------------------------------------------------------------------------------
+# Mixtral's routing and parameter layout (transformers 5: fused expert tensors), so a MoE checkpoint loads into
+# MixtralForCausalLM unchanged. minimind's MoE routes the same way for k > 1 (softmax, top-k, renormalised); at
+# k = 1 it keeps the unnormalised probability, Mixtral (and this) a weight of 1.
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+
+    def forward(self, x):
+        # logits in fp32, as DeepSpeed's gate computes them, so bf16 runs route alike at every expert-parallel size
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return probs, weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        n, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * i, h))  # gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(n, h, i))
+
+    def forward(self, x, weights, experts):
+        out = torch.zeros_like(x)
+        # every expert runs, an empty one on zero rows: each rank then gives every weight a gradient
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(experts == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def load_balancing_loss(probs, experts, num_experts: int):
+    """Switch/minimind: num_experts * sum_e (share of routed slots to e) * (mean router probability of e)."""
+    share = F.one_hot(experts, num_experts).float().mean(dim=(0, 1))
+    return num_experts * (share * probs.mean(dim=0)).sum()
+
+
+class SparseMoeBlock(nn.Module):
+    """The MoE in place of the MLP. Sets `aux_loss` (this layer's load-balancing loss) on every forward.
+
+    A plain module: no collective inside, the same on every ZeRO stage (stage 3 treats it as a leaf module,
+    gathering its weights at once). Expert parallelism swaps it for an equivalent DeepSpeed layer (moe.py)."""
+
+    def __init__(self, cfg: ZeroLMConfig):
+        super().__init__()
+        self.gate = TopKRouter(cfg)
+        self.experts = Experts(cfg)
+        self.aux_loss = None
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs, weights, experts = self.gate(flat)
+        self.aux_loss = load_balancing_loss(probs, experts, probs.shape[-1])
+        return self.experts(flat, weights, experts).view_as(x)
+
+
 class DecoderLayer(GradientCheckpointingLayer):
     # GradientCheckpointingLayer wraps forward in torch.utils.checkpoint once activation checkpointing is enabled
     def __init__(self, cfg: ZeroLMConfig):
@@ -144,7 +235,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe else MLP(cfg)
 
     def forward(self, x, cos, sin, mask, position_ids):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, position_ids)
@@ -181,6 +272,9 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, (TopKRouter, Experts)):
+            for param in module.parameters(recurse=False):
+                init.normal_(param, mean=0.0, std=self.config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, shift_labels=None,
                 num_items_in_batch=None, **kwargs):
@@ -197,12 +291,19 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, position_ids)
         x = self.model.norm(x)
+        loss = logits = None
         if labels is None and shift_labels is None:
-            return CausalLMOutputWithPast(logits=self.lm_head(x))
-        if shift_labels is None:  # HF convention: labels are the inputs; position t predicts t + 1
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-        loss, logits = self.loss_head(x, shift_labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+            logits = self.lm_head(x)
+        else:
+            if shift_labels is None:  # HF convention: labels are the inputs; position t predicts t + 1
+                shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss, logits = self.loss_head(x, shift_labels, num_items_in_batch)
+        if not self.config.is_moe:
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+        aux_loss = sum(layer.mlp.aux_loss for layer in self.model.layers)  # minimind: summed over layers
+        if loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, logits=logits, aux_loss=aux_loss)
 
     def loss_head(self, hidden, targets, num_items=None):
         """Summed next-token cross entropy over num_items (default: the targets that are not -100), as HF's
@@ -288,3 +389,17 @@ def param_sizes(preset_or_config, **overrides) -> list[int]:
 
 def count_params(preset_or_config, **overrides) -> int:
     return sum(param_sizes(preset_or_config, **overrides))
+
+
+def count_active_params(preset_or_config, **overrides) -> int:
+    """Parameters one token uses: all of a dense model; a MoE's minus the experts its router leaves out."""
+    cfg = model_config(preset_or_config, **overrides)
+    return count_params(cfg) - idle_expert_params(cfg)
+
+
+def idle_expert_params(cfg) -> int:
+    """Expert parameters a token does not use (0 for a dense model)."""
+    if not getattr(cfg, "is_moe", False):
+        return 0
+    idle = cfg.num_local_experts - cfg.num_experts_per_tok
+    return cfg.num_hidden_layers * idle * 3 * cfg.hidden_size * cfg.intermediate_size

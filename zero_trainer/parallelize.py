@@ -55,6 +55,11 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
         raise UsageError("parallel.tp and parallel.sp together: AutoTP replaces the engine's model-parallel groups, "
                          "so DeepSpeed 0.19.8 cannot combine it with Ulysses", "parallel.tp",
                          "use one of them (sp for long sequences, tp for wide layers)")
+    if p.model_parallel > 1 and getattr(model_cfg, "num_local_experts", 0):
+        raise UsageError(f"parallel.{'tp' if p.tp > 1 else 'sp'} on a mixture-of-experts model: AutoTP does not split "
+                         "the fused expert tensors, and the load-balancing loss of sequence slices is not the whole "
+                         "sequence's", "parallel.tp" if p.tp > 1 else "parallel.sp",
+                         "split a MoE with parallel.ep (experts over ranks) instead")
     if p.tp > 1:
         for count, name in ((heads, "attention heads"), (kv_heads, "key/value heads")):
             if count and count % p.tp:

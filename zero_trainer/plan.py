@@ -166,10 +166,14 @@ class ModelShape:
     layer_params: int  # one decoder layer: what ZeRO-3 gathers at a time
     norm_params: int  # 1-D weights (the norms): under ZeRO-3's persistence threshold, kept whole on every rank
     param_sizes: tuple = ()  # every parameter's elements in the order DeepSpeed meets them (sub-groups, prefetch)
+    experts: int = 0  # a MoE's experts per layer (0: dense); each of `ffn` width
+    experts_per_token: int = 0
 
 
 def _llama_shape(name: str, c: dict) -> ModelShape:
     """Exact parameter counts of zero_trainer.model's Llama from its config fields (tests compare with a meta build)."""
+    if c.get("num_local_experts"):
+        return _moe_shape(name, c)
     h, f, L, H, V = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
                      c["vocab_size"])
     kv = c.get("num_key_value_heads") or H
@@ -183,6 +187,73 @@ def _llama_shape(name: str, c: dict) -> ModelShape:
     return ModelShape(name, params, h, L, H, kv, f, V, c.get("max_position_embeddings"),
                       largest_param=max(V * h, h * f, h * H * hd), layer_params=layer, norm_params=(2 * L + 1) * h,
                       param_sizes=sizes)
+
+
+# --- mixture of experts --------------------------------------------------------------------------------------
+
+
+def _moe_shape(name: str, c: dict) -> ModelShape:
+    """zero_trainer.model's MoE: the Llama shape with a router and E experts (fused gate_up and down tensors) where
+    the MLP was. Exact, like _llama_shape. ZeRO-3 gathers the MoE block whole (a leaf module): layer_params holds it."""
+    dense = _llama_shape(name, {**c, "num_local_experts": 0})
+    h, f, L, E = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_local_experts"]
+    extra = E * h + (E - 1) * 3 * h * f  # per layer: the router, and E experts where the MLP was one
+    one_layer = dense.param_sizes[1:7] + (E * h, E * 2 * f * h, E * h * f)
+    sizes = dense.param_sizes[:1] + one_layer * L + dense.param_sizes[1 + 9 * L:]
+    return dataclasses.replace(dense, params=dense.params + L * extra, layer_params=dense.layer_params + extra,
+                               largest_param=max(dense.largest_param, E * 2 * f * h), param_sizes=sizes,
+                               experts=E, experts_per_token=c.get("num_experts_per_tok", 1))
+
+
+def expert_params(shape: ModelShape) -> int:
+    """Parameters in experts (0 for a dense model)."""
+    return shape.layers * shape.experts * 3 * shape.hidden * shape.ffn
+
+
+def active_params(shape: ModelShape) -> int:
+    """Parameters one token uses: the experts its router skips are not counted."""
+    return shape.params - shape.layers * (shape.experts - shape.experts_per_token) * 3 * shape.hidden * shape.ffn
+
+
+def moe_activation_bytes(shape: ModelShape, workload: "Workload", checkpointing: bool) -> int:
+    """What a MoE layer holds beyond activation_bytes' dense MLP (one expert's width per token): the k-1 further
+    experts per token, and the dispatch and combine buffers ([experts, capacity, hidden], before and after each
+    all-to-all: 4 per layer) at a balanced capacity of tokens*k/experts. Capacity follows the busiest expert (no token
+    is dropped), so a collapsed router can make it k*experts/k = up to experts times this."""
+    if not shape.experts:
+        return 0
+    s, b, w, k = workload.seq_len, workload.micro_batch, workload.weight_bytes, shape.experts_per_token
+    per_layer = s * b * ((k - 1) * 4 * w * shape.ffn + 4 * k * w * shape.hidden)
+    return per_layer if checkpointing else shape.layers * per_layer
+
+
+def expert_parallel_split(shape: ModelShape, ep: int, world_size: int, workload: "Workload") -> dict:
+    """Per-rank expert numbers at expert-parallel degree `ep` (ZeRO-1/2, deepspeed.moe): each rank holds experts/ep
+    of every layer's experts, its weights and gradients whole, its optimizer state partitioned over the world/ep
+    ranks that hold the same experts; the all-to-all sends each MoE layer's dispatch and combine buffers."""
+    w, s, b = workload.weight_bytes, workload.seq_len, workload.micro_batch
+    local = expert_params(shape) // max(ep, 1)
+    buffer = s * b * shape.experts_per_token * shape.hidden * w  # [experts, capacity, hidden] at balanced capacity
+    return {"experts_per_rank": shape.experts // max(ep, 1), "expert_params_per_rank": local,
+            "expert_weight_and_grad_bytes": 2 * w * local,
+            "expert_optimizer_bytes": 12 * local // max(world_size // max(ep, 1), 1),
+            "all_to_all_bytes_per_layer": 2 * buffer if ep > 1 else 0,
+            "all_to_all_bytes_per_layer_worst": 2 * buffer * shape.experts // max(shape.experts_per_token, 1)
+            if ep > 1 else 0}
+
+
+def experts_line(shape: ModelShape, ep: int, world_size: int, workload: "Workload") -> str:
+    """A MoE's experts in one line for `zero-trainer plan`: total vs active parameters, the split at `ep`."""
+    split = expert_parallel_split(shape, ep, world_size, workload)
+    line = (f"experts: {shape.experts} per layer x {shape.layers} layers, top-{shape.experts_per_token}; "
+            f"{shape.params / 1e6:.2f}M parameters, {active_params(shape) / 1e6:.2f}M active per token; at ep={ep} "
+            f"{split['experts_per_rank']} experts a rank ({split['expert_params_per_rank'] / 1e6:.2f}M parameters)")
+    if ep > 1:
+        mib = {k: split[k] / 2**20 for k in ("all_to_all_bytes_per_layer", "all_to_all_bytes_per_layer_worst")}
+        line += (f", all-to-all {mib['all_to_all_bytes_per_layer']:.1f} MiB a MoE layer when balanced, up to "
+                 f"{mib['all_to_all_bytes_per_layer_worst']:.1f} MiB; the rung is chosen as if every rank held "
+                 "every expert")
+    return line
 
 
 def model_shape(model, where: str = "--model") -> ModelShape:
@@ -678,6 +749,7 @@ def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, ch
                                   workload.precision)
     device = {k: dev[k] for k in ("params", "grads", "optimizer")}
     device["activations"] = activation_bytes(shape, workload, checkpointing)
+    device["activations"] += moe_activation_bytes(shape, workload, checkpointing)
     device["buffers"] = dev["buffers"]
     host = HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage]  # the rank's process itself, on the CPU
     cpu_rank = {k: v for k, v in cpu.items() if v}

@@ -7,7 +7,7 @@ from pathlib import Path
 from .ds_config import for_hf_tools, load_ds_config, set_nvme_path
 from .errors import UsageError
 from .hardware import GiB, detect_hardware
-from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, make_plan, plan_model, sized_rung
+from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, experts_line, make_plan, plan_model, sized_rung
 from .recipe import PRECISIONS
 
 
@@ -29,6 +29,8 @@ def add_subcommand(sub) -> None:
                    "1): the attention and MLP projections are split over N ranks; never chosen by the planner")
     p.add_argument("--sp", type=int, metavar="N", help="sequence parallel degree (DeepSpeed Ulysses): each rank holds "
                    "seq_len/N tokens. Default: 1, or the smallest degree that fits when nothing fits at 1 (sp search)")
+    p.add_argument("--ep", type=int, default=1, help="a MoE's expert-parallel degree: experts per rank and all-to-all "
+                   "buffers in the experts line (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
                    "chosen rung (a ds_configs name or a path)")
@@ -50,6 +52,11 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         print(format_table(plan))
+        if plan.model.experts:
+            if args.ep < 1 or plan.model.experts % args.ep or plan.hardware.world_size % args.ep:
+                raise UsageError(f"--ep {args.ep} must divide the {plan.model.experts} experts and the "
+                                 f"{plan.hardware.world_size} ranks", "--ep", "use an ep that divides both")
+            print(experts_line(plan.model, args.ep, plan.hardware.world_size, plan.workload))
     if args.write_ds_config:
         write_sized_config(plan, args.ds_config or (plan.chosen.name if plan.chosen else None), args.write_ds_config,
                            args.nvme_path, out=sys.stderr if args.json else None)  # stdout: the JSON alone

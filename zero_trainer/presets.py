@@ -15,6 +15,16 @@ PRESETS: dict[str, dict] = {
     "minimind-104m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
                           num_key_value_heads=2, vocab_size=6400, tie_word_embeddings=True,
                           max_position_embeddings=8192),
+    # Mixture of experts on those shapes (Mixtral's router; each expert the dense FFN's size).
+    # debug-moe: 4 experts, top-2 (renormalised top-2 weights give the router a gradient through the main loss).
+    "debug-moe": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=512,
+                      num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01),
+    # minimind's MoE defaults on minimind-26m: 4 experts, top-1, aux coefficient 5e-4, no shared expert
+    "minimind-moe": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=6400, tie_word_embeddings=True,
+                         max_position_embeddings=8192, num_local_experts=4, num_experts_per_tok=1,
+                         router_aux_loss_coef=5.0e-4),
     # Llama-3.2-1B / 3B shapes with Llama-2's 32k vocabulary: 1.04B / 2.92B
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=8192),

@@ -103,6 +103,8 @@ class ParallelSection:
     sp: int = _f(1, _pos_int, "sequence parallel degree: DeepSpeed Ulysses splits each sequence over sp ranks")
     tiled_mlp: bool = _f(False, _bool, "DeepSpeed's TiledMLP: the MLP runs over sequence tiles (long context)")
     tiled_loss: bool = _f(False, _bool, "the loss head runs over sequence tiles: no full logits tensor")
+    ep: int = _f(1, _pos_int, "expert parallel degree (MoE models, ZeRO 1/2): deepspeed.moe splits the experts over "
+                 "ep ranks; each data-parallel rank still reads its own batch")
 
     @property
     def model_parallel(self) -> int:

@@ -26,6 +26,7 @@ from .ds_config import (
     resolve_auto_values,
     uses_nvme,
     validate_ds_config,
+    with_leaf_modules,
     with_model_parallel,
     zero_stage,
 )
@@ -98,12 +99,14 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     ds_config, _ = fill_sized(ds_config, plan.sized)
     ds_config = with_model_parallel(ds_config, recipe.parallel.tp, recipe.parallel.sp,
                                     llama_names=model_cfg.model_type in ("zero_lm", "llama"))
+    ds_config = check_experts(recipe, model_cfg, world_size, ds_config)
     data = load_data(recipe, model_cfg.vocab_size)
     resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
     universal = False
     if resume_from is not None:
         checkpoint.check_stage_change(resume_from, zero_stage(ds_config))
         checkpoint.check_tensor_parallel_change(resume_from, recipe.parallel.tp, world_size)
+        checkpoint.check_expert_parallel_change(resume_from, recipe.parallel.ep, world_size)
         universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config))
     return Resolved(recipe, world_size, model_cfg, sum(sizes), ds_name, ds_config, plan,
                     bool(train.activation_checkpointing or plan.activation_checkpointing),
@@ -117,6 +120,32 @@ def with_planned_parallel(recipe: Recipe, plan: Plan) -> Recipe:
     planned = dataclasses.replace(p, sp=plan.sequence_parallel, tiled_mlp=p.tiled_mlp or plan.tiled_mlp,
                                   tiled_loss=p.tiled_loss or plan.tiled_loss)
     return recipe if planned == p else dataclasses.replace(recipe, parallel=planned)
+
+
+def check_experts(recipe: Recipe, model_cfg, world_size: int, ds_config: dict) -> dict:
+    """parallel.ep against the model, the world size and the ZeRO stage; at ZeRO-3 a MoE block becomes a leaf
+    module. Returns the DeepSpeed config to run."""
+    from .model import SparseMoeBlock
+
+    ep, stage, experts = recipe.parallel.ep, zero_stage(ds_config), getattr(model_cfg, "num_local_experts", 0)
+    if ep > 1 and not experts:
+        raise UsageError(f"parallel.ep={ep} splits experts, but {recipe.model_source} is a dense model", "parallel.ep",
+                         "use parallel.ep=1, or a MoE model (e.g. model.preset=debug-moe)")
+    if experts % ep:
+        raise UsageError(f"parallel.ep={ep} does not divide the model's {experts} experts", "parallel.ep",
+                         f"use an ep that divides {experts}")
+    if world_size % ep:
+        raise UsageError(f"parallel.ep={ep} does not divide the world size {world_size}", "parallel.ep",
+                         f"use an ep that divides {world_size}, or launch a multiple of {ep} ranks")
+    if ep > 1 and stage not in (1, 2):
+        why = ("DeepSpeed refuses its native MoE layers under ZeRO-3" if stage == 3 else
+               "expert parallelism is tested here on ZeRO-1/2 only")
+        raise UsageError(f"parallel.ep={ep} needs ZeRO stage 1 or 2, not {stage}: {why}", "parallel.ep",
+                         "use --ds-config zero1 or zero2 for ep > 1, or parallel.ep=1 (ZeRO-3 trains the MoE as a "
+                         "leaf module, experts replicated)")
+    if experts:
+        ds_config = with_leaf_modules(ds_config, [f"{SparseMoeBlock.__module__}.{SparseMoeBlock.__qualname__}"])
+    return ds_config
 
 
 def build_config(recipe: Recipe):

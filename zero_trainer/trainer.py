@@ -14,8 +14,9 @@ from . import checkpoint, metrics, parallelize
 from .data import BatchSampler
 from .ds_config import load_universal_checkpoint, zero_stage
 from .hardware import local_world_size
-from .model import build_model
+from .model import build_model, idle_expert_params
 from .ops import clear_stale_locks, release_shm_buffer
+from .plan import expert_parallel_split
 from .recipe import Recipe
 from .resolve import resolve
 
@@ -94,8 +95,10 @@ class Run:
         self.layout = parallelize.Layout.of(recipe, self.rank, self.world_size)
         self.mpu = parallelize.apply(model, recipe, train.micro_batch)  # SP groups and attention, tiling
         self.grad_scale = parallelize.gradient_scale(self.layout, r.zero_stage)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        model, parameters = self.add_experts(model, parameters)
         self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config, mpu=self.mpu,
-                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+                                               model_parameters=parameters)
         self.device = self.engine.device
         # ranks of one TP/SP group read the same batch: the sampler deals by data-parallel rank
         self.sampler = BatchSampler(len(self.data.train), train.micro_batch, self.layout.dp_rank, self.layout.dp,
@@ -108,6 +111,31 @@ class Run:
             saved = checkpoint.load(self.engine, r.resume_from, universal_dir)
             self.state = {k: saved[k] for k in self.state}
         self.saved_step = self.state["step"] if r.resume_from is not None else None
+
+    # --- mixture of experts: expert parallelism, and the load-balancing loss for metrics.csv ---------------------
+
+    def add_experts(self, model, parameters):
+        """Experts split over parallel.ep ranks (deepspeed.moe, with its optimizer groups); a MoE's aux loss recorded
+        per training forward."""
+        self.moe, self.aux_losses = bool(getattr(self.model_cfg, "is_moe", False)), []
+        if self.moe:
+            model.register_forward_hook(self._record_aux_loss)
+        if self.recipe.parallel.ep > 1:
+            from .moe import expert_parallel, optimizer_groups
+
+            model = expert_parallel(model, self.recipe.parallel.ep)
+            parameters = optimizer_groups(model)
+        return model, parameters
+
+    def _record_aux_loss(self, module, _inputs, output):
+        if module.training and getattr(output, "aux_loss", None) is not None:
+            self.aux_losses.append(output.aux_loss.detach().item())
+
+    def take_aux_loss(self) -> float:
+        """This rank's mean load-balancing loss over the forwards since the last call (0 for a dense model)."""
+        mean = sum(self.aux_losses) / len(self.aux_losses) if self.aux_losses else 0.0
+        self.aux_losses.clear()
+        return mean
 
     def checkpoint_state(self) -> dict:
         return {**self.state, "world_size": self.world_size, "zero_stage": self.zero_stage,
@@ -205,7 +233,7 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
     for step in range(state["step"] + 1, last_step + 1):
         lr = run.engine.get_lr()[0]
         t = time.time()
-        loss_sum, stops = run.reduce_over_ranks([train_step(run), float(stop.requested)])
+        loss_sum, stops, aux_sum = run.reduce_over_ranks([train_step(run), float(stop.requested), run.take_aux_loss()])
         loss, step_s = loss_sum / run.world_size, time.time() - t
         state.update(step=step, tokens=state["tokens"] + run.tokens_per_step, train_s=state["train_s"] + step_s)
         state["losses"].append(loss)
@@ -216,7 +244,8 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
         if log is not None and (step % train.log_every == 0 or step == train.max_steps):
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": run.engine.get_global_grad_norm(),
                    "tokens_per_s": run.tokens_per_step / step_s, "step_s": step_s,
-                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": run.eval_loss, "time": time.time()}
+                   "mem_bytes": metrics.device_memory_bytes(), "eval_loss": run.eval_loss, "time": time.time(),
+                   "aux_loss": aux_sum / run.world_size if run.moe else None}
             log.write(row)
             bar.set_postfix(metrics.bar_fields(row), refresh=False)
         bar.update(1)
@@ -260,7 +289,8 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     parallelize.restore_attention(run.mpu, run.engine.module)
     losses = state["losses"]
     summary = {
-        "params": run.params, "world_size": run.world_size, "ds_config_name": run.ds_name,
+        "params": run.params, "active_params": run.params - idle_expert_params(run.model_cfg),
+        "world_size": run.world_size, "ds_config_name": run.ds_name,
         "ds_config": run.ds_config, "precision": train.precision, "zero_stage": run.zero_stage,
         "activation_checkpointing": run.resolved.activation_checkpointing, "plan": run.resolved.plan.summary(),
         "tensor_parallel": run.layout.tp, "sequence_parallel": run.layout.sp,
@@ -272,6 +302,9 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         "wall_s": time.time() - t0, "losses": losses, "sample": sample,
         "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": run.recipe.to_dict(),
     }
+    if run.moe:  # the planner's per-rank expert numbers at this ep
+        plan = run.resolved.plan
+        summary["experts"] = expert_parallel_split(plan.model, recipe.parallel.ep, run.world_size, plan.workload)
     if is_main:
         metrics.write_summary(run.out / "summary.json", summary)
         print(f"sample: {sample}\n"
