@@ -275,6 +275,10 @@ CATALOG = {
                                                "num_key_value_heads": 2, "vocab_size": 2048,
                                                "max_position_embeddings": 512, "attn_implementation": "eager"}))],
                                 ["parallel.sp needs attention Ulysses can wrap", "eager", "model.config"], False),
+    "sp on a mixture-of-experts model": (lambda t: [*D, "--num-procs", "2", "parallel.sp=2", "model.preset=debug-moe"],
+                                         ["parallel.sp on a mixture-of-experts model", "parallel.ep"], False),
+    "tiled MLP on a mixture-of-experts model": (lambda t: [*D, "parallel.tiled_mlp=true", "model.preset=debug-moe"],
+                                                ["parallel.tiled_mlp tiles a dense MLP", "parallel.tiled_mlp"], False),
     # the data
     "data path missing": (lambda t: [*D, f"data.path={t / 'corpus.jsonl'}"],
                           ["data path does not exist", "corpus.jsonl"], False),

@@ -56,9 +56,9 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
                          "so DeepSpeed 0.19.8 cannot combine it with Ulysses", "parallel.tp",
                          "use one of them (sp for long sequences, tp for wide layers)")
     if p.model_parallel > 1 and getattr(model_cfg, "num_local_experts", 0):
-        raise UsageError(f"parallel.{'tp' if p.tp > 1 else 'sp'} on a mixture-of-experts model: AutoTP does not split "
-                         "the fused expert tensors, and the load-balancing loss of sequence slices is not the whole "
-                         "sequence's", "parallel.tp" if p.tp > 1 else "parallel.sp",
+        field, why = (("parallel.tp", "AutoTP does not split the fused expert tensors") if p.tp > 1 else
+                      ("parallel.sp", "the load-balancing loss of sequence slices is not the whole sequence's"))
+        raise UsageError(f"{field} on a mixture-of-experts model: {why}", field,
                          "split a MoE with parallel.ep (experts over ranks) instead")
     if p.tp > 1:
         for count, name in ((heads, "attention heads"), (kv_heads, "key/value heads")):
@@ -85,6 +85,9 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
             raise UsageError(f"parallel.sp needs attention Ulysses can wrap; the model config asks for {impl}",
                              recipe.model_field, "set the config's attn_implementation to sdpa (or a flash "
                              "attention) for sequence parallelism")
+    if p.tiled_mlp and getattr(model_cfg, "num_local_experts", 0):
+        raise UsageError("parallel.tiled_mlp tiles a dense MLP; this model's layers are mixtures of experts",
+                         "parallel.tiled_mlp", "turn tiled_mlp off for a MoE model (tiled_loss works)")
     if (p.tiled_mlp or p.tiled_loss) and type(model_cfg).__name__ != "ZeroLMConfig":
         raise UsageError("parallel.tiled_mlp / tiled_loss patch zero_trainer's own model; this config builds "
                          f"{type(model_cfg).__name__.removesuffix('Config')}", "parallel.tiled_mlp",
