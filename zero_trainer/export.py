@@ -3,7 +3,8 @@
 Weights are gathered by DeepSpeed's own zero_to_fp32 (stages 1-3: the fp32 master partitions merged), or
 read from the module state DeepSpeed saved (stage 0, where nothing is partitioned). The result loads in
 vanilla transformers as LlamaForCausalLM (MixtralForCausalLM for a MoE), with no trust_remote_code.
-An expert-parallel checkpoint is read from the module states DeepSpeed saved (moe.mixtral_state_dict).
+An expert-parallel checkpoint is read from the module states DeepSpeed saved (moe.mixtral_state_dict); a
+tensor-parallel one rank by rank, its shards concatenated (gather_tensor_parallel).
 """
 
 import hashlib

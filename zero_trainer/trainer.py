@@ -186,7 +186,8 @@ class StopRequest:
 
 
 def train_step(run: Run) -> float:
-    """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss."""
+    """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss (with SP, sp × its
+    slice's share: the mean over ranks, which the loop logs, is the whole sequence's loss)."""
     engine, losses = run.engine, []
     for _ in range(run.recipe.train.grad_accum):
         ids, positions, targets = parallelize.sequence_slice(run.next_batch(), run.layout)
