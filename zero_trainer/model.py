@@ -392,14 +392,11 @@ def count_params(preset_or_config, **overrides) -> int:
 
 
 def count_active_params(preset_or_config, **overrides) -> int:
-    """Parameters one token uses: all of a dense model; a MoE's minus the experts its router leaves out."""
+    """Parameters one token uses, from a meta-device build: all of a dense model's; of a MoE's fused expert tensors
+    ([experts, ...]), only the share of the num_experts_per_tok experts its router picks."""
     cfg = model_config(preset_or_config, **overrides)
-    return count_params(cfg) - idle_expert_params(cfg)
-
-
-def idle_expert_params(cfg) -> int:
-    """Expert parameters a token does not use (0 for a dense model)."""
-    if not getattr(cfg, "is_moe", False):
-        return 0
-    idle = cfg.num_local_experts - cfg.num_experts_per_tok
-    return cfg.num_hidden_layers * idle * 3 * cfg.hidden_size * cfg.intermediate_size
+    with torch.device("meta"):
+        model = build_model(cfg)
+    used = getattr(cfg, "num_experts_per_tok", 1)
+    return sum(p.numel() * used // p.shape[0] if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+               else p.numel() for name, p in model.named_parameters())

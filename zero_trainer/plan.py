@@ -212,7 +212,9 @@ def expert_params(shape: ModelShape) -> int:
 
 def active_params(shape: ModelShape) -> int:
     """Parameters one token uses: the experts its router skips are not counted."""
-    return shape.params - shape.layers * (shape.experts - shape.experts_per_token) * 3 * shape.hidden * shape.ffn
+    if not shape.experts:
+        return shape.params
+    return shape.params - expert_params(shape) * (shape.experts - shape.experts_per_token) // shape.experts
 
 
 def moe_activation_bytes(shape: ModelShape, workload: "Workload", checkpointing: bool) -> int:

@@ -14,9 +14,9 @@ from . import checkpoint, metrics, parallelize
 from .data import BatchSampler
 from .ds_config import load_universal_checkpoint, zero_stage
 from .hardware import local_world_size
-from .model import build_model, idle_expert_params
+from .model import build_model
 from .ops import clear_stale_locks, release_shm_buffer
-from .plan import expert_parallel_split
+from .plan import active_params, expert_parallel_split
 from .recipe import Recipe
 from .resolve import resolve
 
@@ -290,7 +290,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     parallelize.restore_attention(run.mpu, run.engine.module)
     losses = state["losses"]
     summary = {
-        "params": run.params, "active_params": run.params - idle_expert_params(run.model_cfg),
+        "params": run.params, "active_params": active_params(run.resolved.plan.model),
         "world_size": run.world_size, "ds_config_name": run.ds_name,
         "ds_config": run.ds_config, "precision": train.precision, "zero_stage": run.zero_stage,
         "activation_checkpointing": run.resolved.activation_checkpointing, "plan": run.resolved.plan.summary(),
