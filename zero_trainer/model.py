@@ -346,6 +346,16 @@ def model_config(preset_or_config, **overrides) -> PretrainedConfig:
     return cfg
 
 
+def next_token_loss(model, input_ids, targets, position_ids=None, num_items=None):
+    """The training loss of any causal LM here, ours or transformers': fp32 cross entropy of each position's next
+    token, summed over the targets that are not -100 and divided by num_items (default: their count) —
+    transformers' ForCausalLMLoss with shift_labels. `targets` are already shifted (a sequence-parallel rank's
+    slice keeps its boundary token's target). `labels` goes too: transformers' classes compute a loss only when
+    given labels, and shift_labels then takes their place. Returns the model's output."""
+    return model(input_ids=input_ids, position_ids=position_ids, labels=targets, shift_labels=targets,
+                 num_items_in_batch=num_items)
+
+
 def check_causal_decoder(cfg: PretrainedConfig) -> None:
     """Refuse a config AutoModelForCausalLM would build as something other than a causal decoder.
 

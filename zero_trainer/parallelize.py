@@ -42,6 +42,9 @@ class Layout:
         return cls(p.tp, p.sp, world_size // p.model_parallel, rank // p.model_parallel, rank % p.sp)
 
 
+WHOLE = Layout(tp=1, sp=1, dp=1, dp_rank=0, sp_rank=0)  # whole sequences (eval: Ulysses steps aside)
+
+
 def check_parallel(recipe, model_cfg, world_size: int) -> None:
     """Every combination this module cannot train, as one UsageError before anything launches."""
     p, seq_len = recipe.parallel, recipe.data.seq_len

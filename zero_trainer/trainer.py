@@ -14,7 +14,7 @@ from . import checkpoint, metrics, parallelize
 from .data import BatchSampler
 from .ds_config import load_universal_checkpoint, zero_stage
 from .hardware import local_world_size
-from .model import build_model
+from .model import build_model, next_token_loss
 from .ops import clear_stale_locks, release_shm_buffer
 from .plan import active_params, expert_parallel_split
 from .recipe import Recipe
@@ -191,8 +191,7 @@ def train_step(run: Run) -> float:
     engine, losses = run.engine, []
     for _ in range(run.recipe.train.grad_accum):
         ids, positions, targets = parallelize.sequence_slice(run.next_batch(), run.layout)
-        loss = engine(input_ids=ids, position_ids=positions, shift_labels=targets,
-                      num_items_in_batch=parallelize.items_in_batch(targets, run.mpu)).loss
+        loss = next_token_loss(engine, ids, targets, positions, parallelize.items_in_batch(targets, run.mpu)).loss
         engine.backward(loss * run.grad_scale if run.grad_scale != 1 else loss)
         engine.step()
         losses.append(loss.detach().float().item())
@@ -208,8 +207,8 @@ def evaluate(run: Run) -> float:
     run.engine.eval()
     for b in range(train.eval_batches):
         idx = (np.arange(micro) + (b * layout.dp + layout.dp_rank) * micro) % len(blocks)
-        x = run.batch(blocks, idx)
-        total += run.engine(input_ids=x, labels=x).loss.float().item()
+        ids, positions, targets = parallelize.sequence_slice(run.batch(blocks, idx), parallelize.WHOLE)
+        total += next_token_loss(run.engine, ids, targets, positions).loss.float().item()
     run.engine.train()
     return run.mean_over_ranks(total / train.eval_batches)
 
