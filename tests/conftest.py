@@ -95,6 +95,8 @@ class EngineRuns:
 
         if ws == "parallel":
             return launch_engines(self.root / "parallel", 2, PARALLEL_RUNS, env=SMALL_LOSS_TILES)
+        if ws == "families":
+            return launch_engines(self.root / "families", 2, family_runs(self.root / "checkpoints"))
         named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
         named["zero2_bf16"] = [*BASE, "deepspeed.config=zero2", "train.precision=bf16"]
         if ws == 1:  # first in its process, so its peak RSS is its own: the planner's live calibration row
@@ -128,6 +130,28 @@ PARALLEL_RUNS = {
     "sp2_zero1": [*BASE, "parallel.sp=2", "deepspeed.config=zero1", *SEQ256],
     "sp2_zero3_tiled": [*BASE, "parallel.sp=2", "deepspeed.config=zero3", *SEQ256, *TILED],
 }
+
+
+# transformers' own model classes (tests/hf_families.py), 2 ranks in one launch, per family: a random init from its
+# config.json at ZeRO-2; the same at ZeRO-3, stopped at step 2 and resumed; its saved weights (model.pretrained) at
+# ZeRO-3 with lr 0, for the round trip. One tokenizer for all, so one token stream.
+FAMILY_STEPS = 4
+FAMILY = ["train.precision=fp32", f"train.max_steps={FAMILY_STEPS}", *FAST, "train.save_every=2", "train.keep_last=4"]
+
+
+def family_runs(checkpoints: Path) -> dict:
+    from hf_families import write_all
+
+    runs = {}
+    for family, ckpt in write_all(checkpoints).items():
+        config = [*FAMILY, "model.preset=null", f"model.config={ckpt / 'config.json'}", f"data.tokenizer={ckpt}"]
+        runs[f"{family}_zero2"] = [*config, "deepspeed.config=zero2"]
+        runs[f"{family}_zero3_stopped"] = {"overrides": [*config, "deepspeed.config=zero3", "train.stop_at_step=2"],
+                                           "dir": f"{family}_zero3"}
+        runs[f"{family}_zero3"] = {"overrides": [*config, "deepspeed.config=zero3"], "resume": True}
+        runs[f"{family}_pretrained_zero3"] = [*FAMILY, f"model.pretrained={ckpt}", "deepspeed.config=zero3",
+                                              "train.lr=0", "train.max_steps=1", "train.save_every=1"]
+    return runs
 
 
 def _warm_data_cache(overrides: list[str]) -> None:

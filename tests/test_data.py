@@ -205,7 +205,7 @@ def test_prepare_data_end_to_end_and_errors(tmp_path):
     np.testing.assert_array_equal(prepared.train, again.train)
     assert prepared.fingerprint == again.fingerprint
 
-    with pytest.raises(DataError, match=r"tokenizer vocab \d+ > model vocab_size 280 \(data.tokenizer\)"):
+    with pytest.raises(DataError, match=r"tokenizer vocab \d+ > model vocab_size 280 \(data.tokenizer="):
         data.prepare_data({**cfg, "tokenizer": prepared.tokenizer_dir}, 280, 8, 0, str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"\d+ tokens make 0 blocks.*seq_len"):
         data.prepare_data(cfg, vocab_size=300, seq_len=100_000, seed=0, cache_dir=str(tmp_path / "cache"))

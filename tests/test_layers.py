@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "presets", "shipped"},
     {"recipe", "hardware", "ops", "metrics"},
     {"model", "data"},
-    {"ds_config", "moe"},
+    {"ds_config", "moe", "pretrained"},
     {"plan", "checkpoint"},
     {"parallelize"},
     {"resolve"},

@@ -107,6 +107,29 @@ def check_resume(recipe: Recipe, model_cfg, resume: bool, flag: str = "--resume"
     return ckpt
 
 
+def _source(model: dict, pretrained: dict | None) -> tuple[str, str]:
+    """(what identifies a run's starting weights, how to say it): a preset by name, a config.json's random init by
+    kind (check_resume compares its shape), a pretrained checkpoint by its fingerprint (pretrained.fingerprint)."""
+    if model.get("pretrained"):
+        fp = (pretrained or {}).get("fingerprint")
+        return f"pretrained:{fp}", f"model.pretrained {model['pretrained']} (checkpoint {fp})"
+    if model.get("config"):
+        return "config", f"a random init of model.config {model['config']}"
+    return f"preset:{model.get('preset')}", f"a random init of model.preset {model.get('preset')}"
+
+
+def check_same_source(ckpt: Path, recipe: Recipe, pretrained: dict | None, flag: str = "--resume") -> None:
+    """A resume continues the run it names: refuse a checkpoint whose run started from other weights (another
+    pretrained checkpoint, or a random init where this recipe loads one). The pretrained weights are never read
+    again on resume: the checkpoint holds what training made of them."""
+    state = read_state(ckpt)
+    saved_id, saved = _source(state.get("recipe", {}).get("model", {}), state.get("pretrained"))
+    now_id, now = _source({k: getattr(recipe.model, k) for k in ("preset", "config", "pretrained")}, pretrained)
+    if saved_id != now_id:
+        raise UsageError(f"cannot resume {ckpt.name}: its run started from {saved}, this recipe from {now}", flag,
+                         "resume with the model the checkpoint was trained from, or start a new --output-dir")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -131,8 +154,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, output_dir, state: dict, keep_last: int) -> Path:
-    """Every rank calls this. Returns the checkpoint directory once it is complete on every rank."""
+def save(engine, output_dir, state: dict, keep_last: int, tokenizer=None) -> Path:
+    """Every rank calls this. Returns the checkpoint directory once it is complete on every rank. `tokenizer` (the
+    run's) is saved beside the weights for export; without it, state["tokenizer_dir"] is copied."""
     import deepspeed.comm as dist
 
     root, tag, rank = checkpoint_root(output_dir), tag_for(state["step"]), dist.get_rank()
@@ -151,7 +175,11 @@ def save(engine, output_dir, state: dict, keep_last: int) -> Path:
         time.sleep(delay)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
-        shutil.copytree(state["tokenizer_dir"], ckpt / "tokenizer", dirs_exist_ok=True)  # export ships it
+        # export ships it; saved rather than copied: a pretrained model's directory holds its weights too
+        if tokenizer is not None:
+            tokenizer.save_pretrained(ckpt / "tokenizer")
+        else:
+            shutil.copytree(state["tokenizer_dir"], ckpt / "tokenizer", dirs_exist_ok=True)
         _atomic_write(ckpt / STATE_FILE, json.dumps(state, indent=1, default=str))
         _atomic_write(ckpt / COMPLETE, tag + "\n")
         _atomic_write(root / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 reads it)

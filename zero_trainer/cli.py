@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def cmd_train(args) -> int:
     recipe = recipe_from_args(args)  # cheap first: most bad input is caught before torch is imported
     resolve(recipe, world_size=args.num_procs or local_gpus()[0] or 1, resume=args.resume)
     clear_stale_locks()
+    os.environ["ZERO_TRAINER_PREFLIGHT"] = "1"  # the ranks resolve again: warnings were printed here already
     rank_args = ["--recipe", str(Path(recipe.path).resolve())]
     for flag in ("ds_config", "output_dir", "nvme_path"):
         if getattr(args, flag) is not None:

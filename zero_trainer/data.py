@@ -495,6 +495,12 @@ class BatchSampler:
 
 
 @functools.lru_cache(maxsize=4)
+def eval_indices(batch: int, micro_batch: int, dp_rank: int, dp_size: int, num_blocks: int) -> np.ndarray:
+    """The held-out blocks data-parallel rank `dp_rank` reads for eval batch `batch`: consecutive, disjoint across
+    ranks, wrapping around (the eval loss is the mean over batches and ranks)."""
+    return (np.arange(micro_batch) + (batch * dp_size + dp_rank) * micro_batch) % num_blocks
+
+
 def _epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_blocks)
 
@@ -534,9 +540,11 @@ def prepare_data(data_cfg: dict, vocab_size: int, seq_len: int, seed: int, cache
 
     tokenizer = load_tokenizer(data_cfg.get("tokenizer"), documents, vocab_size, cache_dir)
     if len(tokenizer) > vocab_size:
+        where = data_cfg.get("tokenizer")
         raise DataError(
-            f"tokenizer vocab {len(tokenizer)} > model vocab_size {vocab_size} (data.tokenizer): use a tokenizer "
-            f"with at most {vocab_size} tokens or a model preset with vocab_size >= {len(tokenizer)}"
+            f"tokenizer vocab {len(tokenizer)} > model vocab_size {vocab_size} (data.tokenizer"
+            + (f"={where}" if where else "") + "): its ids past the embedding would index out of range: use a "
+            f"tokenizer with at most {vocab_size} tokens or a model with vocab_size >= {len(tokenizer)}"
         )
 
     tokens = tokenize_corpus(documents, tokenizer, cache_dir)

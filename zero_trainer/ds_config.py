@@ -12,8 +12,10 @@ reads) rather than a list of ours; resolve.py calls it before any process starts
 """
 
 import copy
+import difflib
 import json
 import os
+import sys
 import typing
 from pathlib import Path
 
@@ -64,7 +66,38 @@ def load_ds_config(name_or_path: str) -> tuple[str, dict]:
                          "save the file as UTF-8 JSON") from None
     if not isinstance(config, dict):
         raise UsageError("ds_config must be a JSON object", str(path), "wrap the settings in { ... }")
-    return path.stem, config
+    return path.stem, with_long_names(config, path)
+
+
+# DeepSpeed's pydantic aliases in zero_optimization (DeepSpeedZeroConfig: field name -> alias): one setting, two
+# names. zero_trainer reads, fills and sizes the stage3_ names (the ones DeepSpeed's docs use); a JSON written with
+# the short names (Axolotl's) is read as if it used the long ones, and written back that way. test_ds_config checks
+# this list against DeepSpeed's model.
+ZERO_ALIASES = {
+    "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+    "param_persistence_threshold": "stage3_param_persistence_threshold",
+    "model_persistence_threshold": "stage3_model_persistence_threshold",
+    "max_live_parameters": "stage3_max_live_parameters",
+    "max_reuse_distance": "stage3_max_reuse_distance",
+    "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+    "module_granularity_threshold": "stage3_module_granularity_threshold",
+    "use_all_reduce_for_fetch_params": "stage3_use_all_reduce_for_fetch_params",
+    "allgather_sequential": "stage3_allgather_sequential",
+}
+
+
+def with_long_names(config: dict, source) -> dict:
+    """`config` with every short alias in zero_optimization renamed to its stage3_ name, in place of it (the order of
+    keys kept); both names of one setting is an error: DeepSpeed's parser would fail on it with a traceback."""
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict) or not any(k in zero for k in ZERO_ALIASES):
+        return config
+    for short, long in ZERO_ALIASES.items():
+        if short in zero and long in zero:
+            raise UsageError(f"zero_optimization has both '{short}' and '{long}', which are one DeepSpeed setting",
+                             str(source), f"keep one of them ({short} is DeepSpeed's alias of {long})")
+    renamed = {ZERO_ALIASES.get(k, k): v for k, v in zero.items()}
+    return {**config, "zero_optimization": renamed}
 
 
 class _DuplicateKey(Exception):
@@ -451,16 +484,44 @@ def _check_removed_keys(ds: dict, source) -> None:
                              "remove it: " + _one_line(message.split(" See http")[0]))
 
 
-def _check_unread_keys(ds: dict, reads: _Reads, source) -> None:
+# How close an unread key must be to one DeepSpeed reads to count as its misspelling (an error) rather than a key
+# DeepSpeed simply ignores (a warning): gradient_clippin -> gradient_clipping is 0.97, LLaMA-Factory's comms_config ->
+# comms_logger 0.67.
+MISSPELLING_CUTOFF = 0.8
+
+
+def _check_unread_keys(ds: dict, reads: _Reads, source) -> list[str]:
+    """A key DeepSpeed never reads: an error when it is the misspelling of one it does read (it would silently not
+    apply), else a warning (returned): peers' JSONs carry keys other versions or tools read (comms_config)."""
+    warnings = []
     for path, names in reads.by_block.items():
         if names is None or (path and not names):
             continue  # read whole (pydantic checked it), or never asked by name (passed on as it is)
         known = names | _READ_BY_INITIALIZE if not path else names
         for key in _node(ds, path):
-            if key not in known:
-                dotted = ".".join(path + (key,))
+            if key in known:
+                continue
+            dotted = ".".join(path + (key,))
+            if difflib.get_close_matches(key, sorted(known), n=1, cutoff=MISSPELLING_CUTOFF):
                 raise UsageError(f"unknown DeepSpeed config key '{dotted}' (DeepSpeed would ignore it)",
                                  str(source), _unknown_key_fix(key, known))
+            warnings.append(f"warning: DeepSpeed {_deepspeed_version()} ignores '{dotted}' ({source}): it has no "
+                            "effect here; remove it to silence this")
+    return warnings
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def warn(lines: list[str]) -> None:
+    """Print warnings once per run: in `zero-trainer train`'s preflight, or on rank 0 when no preflight ran."""
+    if os.environ.get("RANK", "0") == "0" and (os.environ.get("RANK") is None or
+                                              not os.environ.get("ZERO_TRAINER_PREFLIGHT")):
+        for line in dict.fromkeys(lines):
+            print(line, file=sys.stderr, flush=True)
 
 
 def _check_offload(ds: dict, source) -> None:
@@ -559,7 +620,7 @@ def validate_ds_config(ds: dict, recipe: Recipe, *, world_size: int, source="dee
                          'enable at most one, or set both to "auto" to follow train.precision')
     _check_offload(filled, source)
     cfg, reads = _deepspeed_parse(filled, world_size, source)
-    _check_unread_keys(filled, reads, source)
+    warn(_check_unread_keys(filled, reads, source))
     _check_batch(ds, cfg, mismatches, recipe, world_size, source)
     try:
         cfg._do_error_check()

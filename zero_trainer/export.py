@@ -127,6 +127,12 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
         raise RuntimeError(f"checkpoint {ckpt} does not match {type(model).__name__}: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    # fp32 (the optimizer's master weights), or the dtype of the checkpoint a fine-tune started from: its export is
+    # the size the source was, and an unchanged weight comes back bit for bit
+    source = state.get("pretrained") or {}
+    if source.get("dtype"):
+        model.to(getattr(torch, source["dtype"]))
+        model.config.dtype = getattr(torch, source["dtype"])
 
     # Write next to the target and swap in at the end: a failure never leaves a half-written OUT_DIR.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,13 +141,17 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer", trust_remote_code=False)
         tokenizer.save_pretrained(staging)
-        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
+        generation = Path(source.get("path") or "", "generation_config.json")
+        if source and generation.is_file():  # the pretrained model's own (its sampling defaults, stop tokens)
+            shutil.copy(generation, staging / generation.name)
+        else:
+            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
         files = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         record = {"source_checkpoint": str(ckpt.resolve()), "step": state["step"], "zero_stage": state["zero_stage"],
                   "world_size": state["world_size"], "ds_config_name": state["ds_config_name"],
                   "tensor_parallel": state["recipe"].get("parallel", {}).get("tp", 1),
-                  "architecture": type(model).__name__, "files_sha256": files}
+                  "architecture": type(model).__name__, "pretrained": source or None, "files_sha256": files}
         (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

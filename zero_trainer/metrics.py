@@ -32,6 +32,11 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (host memory, on any machine)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def device_memory_bytes() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else current_rss_bytes()
 

@@ -383,11 +383,13 @@ def supports_checkpointing(cfg: PretrainedConfig) -> bool:
 def build_model(preset_or_config, **overrides) -> nn.Module:
     """Random-init model; under `with torch.device("meta"):` it allocates nothing."""
     cfg = model_config(preset_or_config, **overrides)
+    # fp32, whatever dtype a pretrained config.json records: DeepSpeed casts to the run's precision (bf16 weights
+    # under an fp32 run would train in bf16 silently); under zero.Init its dtype applies.
     if isinstance(cfg, ZeroLMConfig):
         # _from_config, like AutoModel.from_config, honours a live HfDeepSpeedConfig: at ZeRO-3 it builds
         # under deepspeed.zero.Init and initialises the gathered weights.
-        return ZeroLMForCausalLM._from_config(cfg)
-    return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        return ZeroLMForCausalLM._from_config(cfg, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, dtype=torch.float32)
 
 
 def param_sizes(preset_or_config, **overrides) -> list[int]:

@@ -45,6 +45,8 @@ def _f(default, rule, doc: str = ""):
 class ModelSection:
     preset: str | None = _f(None, _opt_str, "a preset name from zero_trainer/presets.py ...")
     config: str | None = _f(None, _opt_str, "... or a local HF config.json (or its dir) instead")
+    pretrained: str | None = _f(None, _opt_str, "... or a local HF model dir (config.json + *.safetensors): its "
+                                "weights, not a random init")
 
 
 @dataclass
@@ -62,7 +64,7 @@ class TrainSection:
     max_steps: int = _f(100, _pos_int)
     micro_batch: int = _f(8, _pos_int)
     grad_accum: int = _f(1, _pos_int)
-    lr: float = _f(1.0e-3, _pos_float)
+    lr: float = _f(1.0e-3, _nonneg_float, "0 trains nothing: a load / save / export round trip")
     warmup_steps: int = _f(10, _nonneg_int)
     weight_decay: float = _f(0.1, _nonneg_float)
     betas: list = _f([0.9, 0.95], ((list,), lambda v: len(v) == 2 and all(
@@ -136,12 +138,17 @@ class Recipe:
 
     @property
     def model_source(self) -> str:
-        """The preset name or config.json path the recipe names."""
-        return self.model.config or self.model.preset
+        """The preset name, config.json path or pretrained model directory the recipe names."""
+        return self.model.pretrained or self.model.config or self.model.preset
 
     @property
     def model_field(self) -> str:
-        return "model.config" if self.model.config else "model.preset"
+        return "model.pretrained" if self.model.pretrained else "model.config" if self.model.config else "model.preset"
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """data.tokenizer, or the pretrained model's directory (its tokenizer files); None: train a BPE."""
+        return self.data.tokenizer or self.model.pretrained
 
     @property
     def nvme_path(self) -> str:
@@ -166,6 +173,7 @@ def nvme_path_for(output_dir: str, nvme_path: str | None = None) -> str:
     return nvme_path or os.path.join(output_dir, "nvme")
 
 
+MODEL_SOURCES = ("preset", "config", "pretrained")  # exactly one names the model
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)
             if f.default_factory is not dataclasses.MISSING}
 FIELDS = {
@@ -269,9 +277,13 @@ def load_recipe(path: str, overrides: list[str] = (), flags: dict | None = None)
     recipe = Recipe(path=str(file))
     for dotted, value in _leaves(loaded):
         set_field(recipe, dotted, value, str(file))
+    from_file = {k for k in MODEL_SOURCES if getattr(recipe.model, k) is not None}
     for text in overrides:
         dotted, value = parse_override(text)
         set_field(recipe, dotted, value, f"override {text}")
+        if dotted.startswith("model.") and dotted[6:] in MODEL_SOURCES and value is not None:
+            for other in from_file - {dotted[6:]}:  # the command line's model replaces the file's
+                setattr(recipe.model, other, None)
     for dotted, (value, flag) in (flags or {}).items():
         if value is not None:
             set_field(recipe, dotted, value, flag)
@@ -289,6 +301,9 @@ def validate_fields(recipe: Recipe) -> None:
             ok = isinstance(value, types) and check(value)
         if not ok:
             raise UsageError(f"recipe field {dotted} = {value!r} is invalid", dotted, f"use {hint}")
-    if (recipe.model.preset is None) == (recipe.model.config is None):
-        raise UsageError("recipe must name exactly one of model.preset and model.config", "model",
-                         "set model.preset (e.g. debug) or model.config (a local config.json), not both")
+    given = [f"model.{k}" for k in MODEL_SOURCES if getattr(recipe.model, k) is not None]
+    if len(given) != 1:
+        raise UsageError("recipe must name exactly one of model.preset, model.config and model.pretrained"
+                         + (f" (it names {' and '.join(given)})" if given else ""), "model",
+                         "set model.preset (e.g. debug), model.config (a local config.json: random init) or "
+                         "model.pretrained (a local model dir: its weights), not two of them")

@@ -52,6 +52,7 @@ class Resolved:
     resume_from: Path | None  # the complete checkpoint to continue from
     universal: bool  # that checkpoint is at another world size or stage: load through DeepSpeed's universal format
     data: PreparedData
+    pretrained: dict | None = None  # model.pretrained: {"path", "fingerprint", "dtype"} of the checked checkpoint
 
     @property
     def zero_stage(self) -> int:
@@ -90,6 +91,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
         raise UsageError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings "
                          f"{positions}", "data.seq_len", f"use data.seq_len <= {positions}")
     sizes = param_sizes(model_cfg)
+    source = check_pretrained(recipe, model_cfg)
     _check_nvme(recipe, raw, sum(sizes))
     if plan is None:  # a named JSON: its "auto" knobs sized, the whole judged against the hardware
         plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint)
@@ -104,13 +106,14 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
     universal = False
     if resume_from is not None:
+        checkpoint.check_same_source(resume_from, recipe, source)
         checkpoint.check_stage_change(resume_from, zero_stage(ds_config))
         checkpoint.check_tensor_parallel_change(resume_from, recipe.parallel.tp, world_size)
         checkpoint.check_expert_parallel_change(resume_from, recipe.parallel.ep, world_size)
         universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config))
     return Resolved(recipe, world_size, model_cfg, sum(sizes), ds_name, ds_config, plan,
                     bool(train.activation_checkpointing or plan.activation_checkpointing),
-                    resume_from, universal, data)
+                    resume_from, universal, data, source)
 
 
 def with_planned_parallel(recipe: Recipe, plan: Plan) -> Recipe:
@@ -157,13 +160,29 @@ def build_config(recipe: Recipe):
                          "use a preset name or a local config.json of a causal decoder LM") from None
 
 
+def check_pretrained(recipe: Recipe, model_cfg) -> dict | None:
+    """model.pretrained: its safetensors headers against the model its config builds (pretrained.preflight), and a
+    tokenizer to read the data with. Returns what identifies the checkpoint (recorded in every checkpoint)."""
+    path = recipe.model.pretrained
+    if path is None:
+        return None
+    from .pretrained import fingerprint, has_tokenizer, preflight, source_dtype
+
+    index = preflight(path, model_cfg)
+    if recipe.data.tokenizer is None and not has_tokenizer(path):
+        raise UsageError(f"model.pretrained {path} has no tokenizer (tokenizer.json), and data.tokenizer is unset",
+                         "data.tokenizer", "set data.tokenizer to the tokenizer these weights were trained with")
+    return {"path": str(Path(path).resolve()), "fingerprint": fingerprint(index), "dtype": source_dtype(index)}
+
+
 def load_data(recipe: Recipe, vocab_size: int) -> PreparedData:
     """The recipe's corpus, tokenized and packed (cached on disk; the first caller builds, others wait)."""
     data = recipe.data
     try:
         # Progress bars and library chatter go to stdout: on failure stderr holds the one error line.
         with contextlib.redirect_stderr(sys.stdout):
-            return prepare_data({k: getattr(data, k) for k in ("path", "tokenizer", "eval_fraction", "max_documents")},
+            return prepare_data({**{k: getattr(data, k) for k in ("path", "eval_fraction", "max_documents")},
+                                 "tokenizer": recipe.tokenizer_path},
                                 vocab_size=vocab_size, seq_len=data.seq_len, seed=recipe.train.seed,
                                 cache_dir=recipe.cache_dir)
     except DataError as err:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, metrics, parallelize
-from .data import BatchSampler
+from .data import BatchSampler, eval_indices
 from .ds_config import load_universal_checkpoint, zero_stage
 from .hardware import local_world_size
 from .model import build_model, next_token_loss
@@ -30,12 +30,13 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (local_world_size() or 1)))
 
 
-def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.Module:
+def build_initialized_model(model_cfg, ds_config: dict, seed: int, initialize: bool = True) -> torch.nn.Module:
     """The model with the same initial weights at every ZeRO stage and world size.
 
     At stage 3 it is built under deepspeed.zero.Init, so each rank allocates only its shard; weights are then
     initialised module by module, gathered, with rank 0 deciding (transformers' initialize_weights_zero3 does
     the same). Other stages run the identical sequence on full tensors, so losses match stage for stage.
+    initialize=False: no weights are written (pretrained ones, or a checkpoint's, will fill them).
     """
     import deepspeed
     import deepspeed.comm as dist
@@ -45,6 +46,8 @@ def build_initialized_model(model_cfg, ds_config: dict, seed: int) -> torch.nn.M
     with no_init_weights(), (deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else nullcontext()):
         model = build_model(model_cfg)
     model.tie_weights()  # no_init_weights skips tying too (transformers' _from_config re-ties the same way)
+    if not initialize:
+        return model
     torch.manual_seed(seed)
     decides = dist.get_rank() == 0 or not stage3
     with torch.no_grad():
@@ -89,7 +92,7 @@ class Run:
             universal_dir = r.resume_from.parent / "universal" / r.resume_from.name
             self.ds_config = load_universal_checkpoint(self.ds_config)
 
-        model = build_initialized_model(self.model_cfg, self.ds_config, train.seed)
+        model = self.load_model(r)
         if r.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.layout = parallelize.Layout.of(recipe, self.rank, self.world_size)
@@ -111,6 +114,20 @@ class Run:
             saved = checkpoint.load(self.engine, r.resume_from, universal_dir)
             self.state = {k: saved[k] for k in self.state}
         self.saved_step = self.state["step"] if r.resume_from is not None else None
+
+    def load_model(self, r) -> torch.nn.Module:
+        """The model with its first weights: the seeded init, or model.pretrained's, each rank reading only its own
+        partitions at ZeRO-3 (pretrained.load_pretrained). A resume writes neither: the checkpoint fills every weight,
+        and the pretrained files are not read again. Records the load's time, bytes read and peak RSS."""
+        self.pretrained, self.load_bytes, t = r.pretrained, 0, time.time()
+        model = build_initialized_model(self.model_cfg, self.ds_config, self.recipe.train.seed,
+                                        initialize=r.pretrained is None)
+        if r.pretrained is not None and r.resume_from is None:
+            from .pretrained import load_pretrained
+
+            self.load_bytes = load_pretrained(model, r.pretrained["path"])["bytes_read"]
+        self.load_s, self.load_peak = time.time() - t, metrics.peak_rss_bytes()  # before the engine allocates
+        return model
 
     # --- mixture of experts: expert parallelism, and the load-balancing loss for metrics.csv ---------------------
 
@@ -141,10 +158,11 @@ class Run:
         return {**self.state, "world_size": self.world_size, "zero_stage": self.zero_stage,
                 "ds_config_name": self.ds_name, "recipe": self.recipe.to_dict(),
                 "model_shape": checkpoint.model_shape(self.model_cfg), "model_config": self.model_cfg.to_dict(),
-                "tokenizer_dir": self.data.tokenizer_dir, "params": self.params}
+                "tokenizer_dir": self.data.tokenizer_dir, "params": self.params, "pretrained": self.pretrained}
 
     def save(self) -> None:
-        checkpoint.save(self.engine, self.out, self.checkpoint_state(), self.recipe.train.keep_last)
+        checkpoint.save(self.engine, self.out, self.checkpoint_state(), self.recipe.train.keep_last,
+                        self.data.tokenizer)
         self.saved_step = self.state["step"]
 
     def next_batch(self) -> torch.Tensor:
@@ -161,6 +179,12 @@ class Run:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
+
+    def per_rank(self, value: float) -> list[float]:
+        """Every rank's `value`, in rank order."""
+        values = [0.0] * self.world_size
+        values[self.rank] = value
+        return [int(v) if float(v).is_integer() else v for v in self.reduce_over_ranks(values)]
 
     def mean_over_ranks(self, value: float) -> float:
         return self.reduce_over_ranks([value])[0] / self.world_size
@@ -206,8 +230,8 @@ def evaluate(run: Run) -> float:
     micro, total = train.micro_batch, 0.0
     run.engine.eval()
     for b in range(train.eval_batches):
-        idx = (np.arange(micro) + (b * layout.dp + layout.dp_rank) * micro) % len(blocks)
-        ids, positions, targets = parallelize.sequence_slice(run.batch(blocks, idx), parallelize.WHOLE)
+        x = run.batch(blocks, eval_indices(b, micro, layout.dp_rank, layout.dp, len(blocks)))
+        ids, positions, targets = parallelize.sequence_slice(x, parallelize.WHOLE)
         total += next_token_loss(run.engine, ids, targets, positions).loss.float().item()
     run.engine.train()
     return run.mean_over_ranks(total / train.eval_batches)
@@ -299,6 +323,8 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "tokens_per_s": state["tokens"] / state["train_s"],
         "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
+        "load_peak_bytes": run.max_over_ranks(run.load_peak), "load_s": run.load_s, "pretrained": run.pretrained,
+        "load_bytes_per_rank": run.per_rank(run.load_bytes),
         "wall_s": time.time() - t0, "losses": losses, "sample": sample,
         "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": run.recipe.to_dict(),
     }
