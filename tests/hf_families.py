@@ -1,8 +1,8 @@
 """Tiny Hugging Face checkpoints written with transformers' own classes: the model families users bring.
 
-Each is what `save_pretrained` writes (config.json, model.safetensors in transformers' saved layout — Mixtral's per-expert
-w1/w2/w3 included) plus a byte-level BPE tokenizer of TOKENIZER_VOCAB tokens trained on the standard library's sources,
-so `model.pretrained=DIR` finds everything in one directory.
+Each is what `save_pretrained` writes (config.json, model.safetensors in transformers' saved layout, Mixtral's
+per-expert w1/w2/w3 included) plus a byte-level BPE tokenizer of TOKENIZER_VOCAB tokens trained on the standard
+library's sources, so `model.pretrained=DIR` finds everything in one directory.
 """
 
 from pathlib import Path
