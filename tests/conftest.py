@@ -106,11 +106,13 @@ class EngineRuns:
             named["zero0"] += SAVED
             named["seq256"] = [*BASE, "deepspeed.config=zero1", *SEQ256]  # the model-parallel runs' reference
             named["tiled"] = [*BASE, "deepspeed.config=zero1", *SEQ256, *TILED]
+            named.update(pretrained_runs(self.root / "checkpoints", ws))
             return launch_engines(self.root / f"ws{ws}", ws, named, env=SMALL_LOSS_TILES)
         else:
             for n in ("zero2", "zero3", "zero2_bf16"):
                 named[n] += SAVED
             named["zero2"].append("train.report_to=[tensorboard,wandb]")  # test_runs reads what rank 0 wrote
+            named.update(pretrained_runs(self.root / "checkpoints", ws))
         return launch_engines(self.root / f"ws{ws}", ws, named)
 
 
@@ -140,10 +142,10 @@ FAMILY = ["train.precision=fp32", f"train.max_steps={FAMILY_STEPS}", *FAST, "tra
 
 
 def family_runs(checkpoints: Path) -> dict:
-    from hf_families import write_all
+    from hf_families import FAMILIES, write_all
 
     runs = {}
-    for family, ckpt in write_all(checkpoints).items():
+    for family, ckpt in write_all(checkpoints, FAMILIES).items():
         config = [*FAMILY, "model.preset=null", f"model.config={ckpt / 'config.json'}", f"data.tokenizer={ckpt}"]
         runs[f"{family}_zero2"] = [*config, "deepspeed.config=zero2"]
         runs[f"{family}_zero3_stopped"] = {"overrides": [*config, "deepspeed.config=zero3", "train.stop_at_step=2"],
@@ -152,6 +154,31 @@ def family_runs(checkpoints: Path) -> dict:
         runs[f"{family}_pretrained_zero3"] = [*FAMILY, f"model.pretrained={ckpt}", "deepspeed.config=zero3",
                                               "train.lr=0", "train.max_steps=1", "train.save_every=1"]
     return runs
+
+
+# model.pretrained on zero_trainer's own model (tests/hf_families.py: zero_lm, tied and untied) and transformers' Llama
+# (tests/test_pretrained.py): lr-0 round trips at ZeRO-0 and ZeRO-3 (1 rank) and ZeRO-0 (2 ranks; ZeRO-3 at 2 ranks is
+# every family's in family_runs); 4-step fine-tunes at 2 ranks on zero2, zero3_offload (stopped at 2 and resumed)
+# and zero3_nvme, which start from the same weights and so must give the same losses.
+PRETRAINED_STEPS = 4
+ROUND_TRIP = ["train.lr=0", "train.max_steps=1", "train.save_every=1"]
+
+
+def pretrained_runs(checkpoints: Path, ws: int) -> dict:
+    from hf_families import write_all
+
+    ckpt = write_all(checkpoints, ("llama", "zero_lm_tied", "zero_lm_untied"))
+    base = [*BASE, f"train.max_steps={PRETRAINED_STEPS}", "train.save_every=2"]
+    tied, untied, llama = (f"model.pretrained={ckpt[n]}" for n in ("zero_lm_tied", "zero_lm_untied", "llama"))
+    if ws == 1:
+        return {"pretrained_zero0": [*base, tied, "deepspeed.config=zero0", *ROUND_TRIP],
+                "pretrained_zero3": [*base, llama, "deepspeed.config=zero3", *ROUND_TRIP]}
+    return {"pretrained_zero0": [*base, untied, "deepspeed.config=zero0", *ROUND_TRIP],
+            "pretrained_zero2": [*base, tied, "deepspeed.config=zero2"],
+            "pretrained_offload_stopped": {"overrides": [*base, tied, "deepspeed.config=zero3_offload",
+                                                         "train.stop_at_step=2"], "dir": "pretrained_offload"},
+            "pretrained_offload": {"overrides": [*base, tied, "deepspeed.config=zero3_offload"], "resume": True},
+            "pretrained_nvme": [*base, tied, "deepspeed.config=zero3_nvme"]}
 
 
 def _warm_data_cache(overrides: list[str]) -> None:

@@ -39,7 +39,7 @@ def tokenizer(cache: Path):
 
     from zero_trainer.data import _train_bpe, load_documents
 
-    path = cache / "tokenizer"
+    path = cache / "shared-bpe-tokenizer"
     if not (path / "tokenizer.json").is_file():
         _train_bpe(load_documents(None).select(range(200)), TOKENIZER_VOCAB).save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
@@ -58,5 +58,34 @@ def write_checkpoint(out: Path, family: str, seed: int = 0) -> Path:
     return out
 
 
-def write_all(root: Path) -> dict[str, Path]:
-    return {f: (root / f if (root / f / "config.json").is_file() else write_checkpoint(root / f, f)) for f in FAMILIES}
+def write_zero_lm(out: Path, tied: bool, seed: int = 0) -> Path:
+    """zero_trainer's own model (the debug preset's shape, tied or not) saved by save_pretrained: model_type zero_lm,
+    so model.pretrained builds our class again."""
+    import torch
+
+    from zero_trainer.model import ZeroLMForCausalLM, model_config
+
+    torch.manual_seed(seed)
+    ZeroLMForCausalLM(model_config("debug", tie_word_embeddings=tied)).save_pretrained(out)
+    tokenizer(out.parent).save_pretrained(out)
+    return out
+
+
+WRITERS = {**{f: (lambda out, f=f: write_checkpoint(out, f)) for f in FAMILIES},
+           "zero_lm_tied": lambda out: write_zero_lm(out, True), "zero_lm_untied": lambda out: write_zero_lm(out, False)}
+
+
+def write_all(root: Path, names=WRITERS) -> dict[str, Path]:
+    """Each named checkpoint under root, written once (atomically, under a lock: test workers share the root)."""
+    import fcntl
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in names:
+            if not (root / name / "config.json").is_file():
+                shutil.rmtree(root / f".{name}", ignore_errors=True)
+                WRITERS[name](root / f".{name}")
+                (root / f".{name}").rename(root / name)
+    return {name: root / name for name in names}

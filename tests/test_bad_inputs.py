@@ -139,6 +139,62 @@ def cannot_checkpoint(t: Path) -> list:
     return [*D, "model.preset=null", f"model.config={config}", "train.activation_checkpointing=true"]
 
 
+def pretrained(t: Path, drop=None, add=None, config=None, int8=None, sharded=False, drop_shard=False,
+               truncate=False, tokenizer=True) -> Path:
+    """A tiny Llama checkpoint (tests/hf_families.py) under t, with one thing wrong."""
+    import torch
+    from hf_families import write_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    d = t / "inputs" / "pretrained"
+    if sharded:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(write_checkpoint(t / "inputs" / "whole", "llama")).save_pretrained(
+            d, max_shard_size="100KB")
+    else:
+        write_checkpoint(d, "llama")
+    if not tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (d / name).unlink()
+    if drop_shard:
+        next(d.glob("model-00001-of-*.safetensors")).unlink()
+    weights = d / "model.safetensors"
+    if drop or add or int8:
+        tensors = load_file(weights)
+        tensors.pop(drop, None)
+        if add:
+            tensors[add] = torch.zeros(4)
+        if int8:
+            tensors[int8] = tensors[int8].to(torch.int8)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    if truncate:
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 1000)
+    if config:
+        write(d / "config.json", {**json.loads((d / "config.json").read_text()), **config})
+    return d
+
+
+def pickled_only(t: Path) -> Path:
+    d = pretrained(t)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    return d
+
+
+def run_from_config(t: Path) -> Path:
+    """An output dir holding a complete checkpoint of a run that started from a random init of the same shape."""
+    from zero_trainer.checkpoint import COMPLETE, STATE_FILE, model_shape
+    from zero_trainer.model import model_config
+
+    out, cfg = t / "out", model_config(pretrained(t))
+    state = {"step": 2, "world_size": 1, "zero_stage": 2, "model_shape": model_shape(cfg),
+             "recipe": {"model": {"preset": None, "config": "elsewhere/config.json", "pretrained": None}}}
+    write(out / "checkpoints" / "step_00000002" / STATE_FILE, state)
+    write(out / "checkpoints" / "step_00000002" / COMPLETE, "step_00000002\n")
+    return out
+
+
 # id -> (args builder: tmp dir -> CLI args after `train`, substrings of the error line, pre-existing output dir).
 # --output-dir OUT is added unless the builder gives its own.
 CATALOG = {
@@ -165,7 +221,37 @@ CATALOG = {
     "betas of the wrong length": (lambda t: [*D, "train.betas=[0.9]"], ["train.betas"], False),
     "unknown reporter": (lambda t: [*D, "train.report_to=[tensorboard,mlflow]"],
                          ["train.report_to", "tensorboard, wandb"], False),
-    "preset and config both set": (lambda t: [*D, "model.config=cfg.json"], ["model.preset and model.config"], False),
+    "preset and config both set": (lambda t: ["--recipe", recipe_file(t, "model:\n  preset: debug\n  config: c.json\n")],
+                                   ["it names model.preset and model.config", "model"], False),
+    "config and pretrained both overridden": (lambda t: [*D, "model.config=c.json", "model.pretrained=p"],
+                                              ["it names model.config and model.pretrained"], False),
+    # model.pretrained: the checkpoint's headers against its config, before anything starts
+    "pretrained dir missing": (lambda t: [*D, f"model.pretrained={t / 'nope'}"],
+                               ["is not a directory", "model.pretrained"], False),
+    "pretrained with pickled weights only": (lambda t: [*D, f"model.pretrained={pickled_only(t)}"],
+                                             ["only pickled weights (pytorch_model.bin)", "safetensors"], False),
+    "pretrained tensor missing": (lambda t: [*D, f"model.pretrained={pretrained(t, drop='model.norm.weight')}"],
+                                  ["model.norm.weight ([64]) is missing from"], False),
+    "pretrained tensor unexpected": (lambda t: [*D, f"model.pretrained={pretrained(t, add='model.layers.7.x.weight')}"],
+                                     ["checkpoint tensor model.layers.7.x.weight in model.safetensors matches no"],
+                                     False),
+    "pretrained tensor mis-shaped": (lambda t: [*D, f"model.pretrained={pretrained(t, config={'intermediate_size': 96})}"],
+                                     ["model.layers.0.mlp.gate_proj.weight in model.safetensors has shape [128, 64]",
+                                      "[96, 64]"], False),
+    "pretrained integer weights": (lambda t: [*D, f"model.pretrained={pretrained(t, int8='model.norm.weight')}"],
+                                   ["model.norm.weight in model.safetensors is I8", "quantized"], False),
+    "pretrained shard missing": (lambda t: [*D, f"model.pretrained={pretrained(t, sharded=True, drop_shard=True)}"],
+                                 ["model.safetensors.index.json names model-00001-of-", "copy every shard"], False),
+    "pretrained truncated file": (lambda t: [*D, f"model.pretrained={pretrained(t, truncate=True)}"],
+                                  ["which does not match its shape", "truncated or corrupt"], False),
+    "pretrained without a tokenizer": (lambda t: [*D, f"model.pretrained={pretrained(t, tokenizer=False)}"],
+                                       ["has no tokenizer", "data.tokenizer"], False),
+    "pretrained tokenizer larger than its embedding": (
+        lambda t: [*D, f"model.pretrained={pretrained(t)}", f"data.tokenizer={big_tokenizer(t, 3000)}"],
+        ["tokenizer vocab 3000 > model vocab_size 512", "data.tokenizer="], False),
+    "resume from another source": (lambda t: [*D, f"model.pretrained={pretrained(t)}", "--resume",
+                                              "--output-dir", run_from_config(t)],
+                                   ["its run started from a random init of model.config", "--resume"], True),
     # the DeepSpeed JSON as a file
     "unknown ds_config name": (lambda t: [*D, "--ds-config", "zero4"], ["unknown ds_config", "deepspeed.config"],
                                False),

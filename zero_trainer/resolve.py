@@ -152,7 +152,12 @@ def check_experts(recipe: Recipe, model_cfg, world_size: int, ds_config: dict) -
 
 
 def build_config(recipe: Recipe):
-    """The recipe's model config (a preset or a local config.json of a causal decoder), or a UsageError."""
+    """The recipe's model config (a preset, a local config.json of a causal decoder, or a pretrained model's), or a
+    UsageError."""
+    if recipe.model.pretrained is not None:
+        from .pretrained import weight_files
+
+        weight_files(recipe.model.pretrained)  # a directory with config.json and safetensors, or one line
     try:
         return model_config(recipe.model_source)
     except (ValueError, OSError, TypeError) as err:
