@@ -113,8 +113,13 @@ class EngineRuns:
                 named[n] += SAVED
             named["zero2"].append("train.report_to=[tensorboard,wandb]")  # test_runs reads what rank 0 wrote
             named.update(pretrained_runs(self.root / "checkpoints", ws))
+            named.update({f"peer_{p.stem}": [*BASE, f"deepspeed.config={p}", "train.precision=bf16",
+                                              "train.max_steps=3"] for p in PEER_CONFIGS})
         return launch_engines(self.root / f"ws{ws}", ws, named)
 
+
+# DeepSpeed JSONs LLaMA-Factory and Axolotl ship (tests/peer_configs), trained as they are at world size 2 in bf16
+PEER_CONFIGS = sorted((Path(__file__).resolve().parent / "peer_configs").glob("*.json"))
 
 # Model parallelism (tests/test_parallel.py), 2 ranks in one launch: tp=2 and sp=2 each put both ranks in one
 # group (dp = 1), so every run reads the 1-rank runs' batches. tp2_zero1 stops at step 6 and resumes to 12 in the

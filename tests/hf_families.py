@@ -72,7 +72,8 @@ def write_zero_lm(out: Path, tied: bool, seed: int = 0) -> Path:
 
 
 WRITERS = {**{f: (lambda out, f=f: write_checkpoint(out, f)) for f in FAMILIES},
-           "zero_lm_tied": lambda out: write_zero_lm(out, True), "zero_lm_untied": lambda out: write_zero_lm(out, False)}
+           "zero_lm_tied": lambda out: write_zero_lm(out, True),
+           "zero_lm_untied": lambda out: write_zero_lm(out, False)}
 
 
 def write_all(root: Path, names=WRITERS) -> dict[str, Path]:

@@ -221,7 +221,8 @@ CATALOG = {
     "betas of the wrong length": (lambda t: [*D, "train.betas=[0.9]"], ["train.betas"], False),
     "unknown reporter": (lambda t: [*D, "train.report_to=[tensorboard,mlflow]"],
                          ["train.report_to", "tensorboard, wandb"], False),
-    "preset and config both set": (lambda t: ["--recipe", recipe_file(t, "model:\n  preset: debug\n  config: c.json\n")],
+    "preset and config both set": (lambda t: ["--recipe", recipe_file(t, "model:\n  preset: debug\n"
+                                                                          "  config: c.json\n")],
                                    ["it names model.preset and model.config", "model"], False),
     "config and pretrained both overridden": (lambda t: [*D, "model.config=c.json", "model.pretrained=p"],
                                               ["it names model.config and model.pretrained"], False),
@@ -235,7 +236,8 @@ CATALOG = {
     "pretrained tensor unexpected": (lambda t: [*D, f"model.pretrained={pretrained(t, add='model.layers.7.x.weight')}"],
                                      ["checkpoint tensor model.layers.7.x.weight in model.safetensors matches no"],
                                      False),
-    "pretrained tensor mis-shaped": (lambda t: [*D, f"model.pretrained={pretrained(t, config={'intermediate_size': 96})}"],
+    "pretrained tensor mis-shaped": (lambda t: [*D, "model.pretrained=" + str(pretrained(
+                                         t, config={"intermediate_size": 96}))],
                                      ["model.layers.0.mlp.gate_proj.weight in model.safetensors has shape [128, 64]",
                                       "[96, 64]"], False),
     "pretrained integer weights": (lambda t: [*D, f"model.pretrained={pretrained(t, int8='model.norm.weight')}"],

@@ -1,12 +1,16 @@
 """ds_config.py in-process: DeepSpeed JSON validation against DeepSpeed's own parser, "auto" filling, run dirs."""
 
 import copy
+import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 
 from zero_trainer.ds_config import (
     MIN_REDUCE_BUCKET,
+    ZERO_ALIASES,
     available_ds_configs,
     load_ds_config,
     nvme_bytes_needed,
@@ -65,7 +69,6 @@ BAD = {
                                    ["DeepSpeed rejects the 'zero_optimization' block", "only with ZeRO Stage 1 or 2"]),
     "dict block DeepSpeed reads by name": ("zero3_nvme", _set("aio.block_sise", 1 << 20),
                                            ["'aio.block_sise' (DeepSpeed would ignore", "did you mean 'block_size'"]),
-    "renamed key DeepSpeed ignores": ("zero3_nvme", _set("aio.thread_count", 1), ["'aio.thread_count'"]),
     "top-level typo": ("zero2", _set("wall_clock_breakdwon", True), ["did you mean 'wall_clock_breakdown'"]),
     "activation checkpointing typo": ("zero2", _set("activation_checkpointing", {"partition_activation": True}),
                                       ["did you mean 'partition_activations'"]),
@@ -167,3 +170,84 @@ def test_empty_recipe_section_is_allowed(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("model:\n  preset: debug\ntrain:\n")
     assert load_recipe(str(path)).train.max_steps == 100
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSONs other tools ship (tests/peer_configs): understood as DeepSpeed understands them
+
+
+PEERS = Path(__file__).resolve().parent / "peer_configs"
+
+
+def test_zero_aliases_are_deepspeeds():
+    """The alias table is DeepSpeed's own: every zero_optimization field with a second name, no more."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    aliases = {n: f.alias for n, f in DeepSpeedZeroConfig.model_fields.items() if f.alias and f.alias != n}
+    assert ZERO_ALIASES == aliases
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in PEERS.glob("*.json")))
+def test_peer_json_validates_and_resolves_under_one_name(name, capsys):
+    """LLaMA-Factory's and Axolotl's JSONs: accepted (keys DeepSpeed ignores are a warning), every "auto" filled under
+    either name, and each setting written once, under DeepSpeed's stage3_ name."""
+    recipe = load_recipe("debug", ["train.precision=bf16"])
+    _, ds = load_ds_config(str(PEERS / name))
+    validate_ds_config(ds, recipe, world_size=2, source=name)
+    resolved = resolve_auto_values(ds, recipe, world_size=2, hidden_size=128)
+    zero = resolved["zero_optimization"]
+    assert not set(zero) & set(ZERO_ALIASES), sorted(zero)
+    assert "auto" not in json.dumps(resolved)
+    raw = json.loads((PEERS / name).read_text())
+    if "prefetch_bucket_size" in raw["zero_optimization"]:  # Axolotl's short names
+        assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 128 * 128)
+        assert zero["stage3_max_live_parameters"] == 0 and zero["stage3_max_reuse_distance"] == 0
+    err = capsys.readouterr().err
+    for ignored in ("comms_config", "monitor_config"):
+        assert (f"ignores '{ignored}'" in err) == (ignored in raw), err
+
+
+def test_alias_and_its_name_together_is_one_line(tmp_path):
+    path = tmp_path / "both.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "max_live_parameters": 1,
+                                                      "stage3_max_live_parameters": 2}}))
+    with pytest.raises(UsageError) as err:
+        load_ds_config(str(path))
+    assert "both 'max_live_parameters' and 'stage3_max_live_parameters'" in err.value.line()
+
+
+def test_sized_knobs_given_by_alias_stay_the_users(tmp_path):
+    """The planner sizes what a JSON leaves out; a knob given under its short name is given (never written twice)."""
+    from zero_trainer.ds_config import fill_sized
+
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "max_reuse_distance": 7}}))
+    _, ds = load_ds_config(str(path))
+    filled, set_now = fill_sized(ds, {"zero_optimization.stage3_max_reuse_distance": 99,
+                                      "zero_optimization.stage3_max_live_parameters": 5})
+    assert filled["zero_optimization"]["stage3_max_reuse_distance"] == 7
+    assert set_now == {"zero_optimization.stage3_max_live_parameters": 5}
+
+
+@pytest.mark.parametrize("key, warned", [("aio.thread_count", True), ("comms_config", True),
+                                         ("gradient_clippin", False)])
+def test_ignored_key_warns_misspelling_refuses(key, warned, capsys):
+    """A key DeepSpeed never reads: a warning when it is no known key's near-miss (a renamed or foreign key), an
+    error with did-you-mean when it is one (it would silently not apply)."""
+    ds = shipped("zero3_nvme")
+    _set(key, 1)(ds)
+    if warned:
+        validate_ds_config(ds, RECIPE, world_size=1, source="my.json")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"ignores '{key}' (my.json)" in err[0], err
+    else:
+        assert "did you mean 'gradient_clipping'" in error_line(ds)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", sorted(p.stem for p in PEERS.glob("*.json")))
+def test_peer_json_trains_as_shipped(name, engine_runs):
+    """Each peer JSON unchanged, 2 ranks, bf16: trains, and DeepSpeed ran it with one name per setting."""
+    summary = engine_runs[f"peer_{name}", 2]
+    assert summary["steps"] == 3 and all(math.isfinite(x) for x in summary["losses"])
+    assert not set(summary["ds_config"]["zero_optimization"]) & set(ZERO_ALIASES)

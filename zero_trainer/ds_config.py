@@ -612,6 +612,9 @@ def validate_ds_config(ds: dict, recipe: Recipe, *, world_size: int, source="dee
     batch sizes that contradict each other or the recipe, and whatever DeepSpeed's own error check refuses.
     """
     _check_removed_keys(ds, source)
+    if "bf16" in ds and "bfloat16" in ds:  # DeepSpeed reads bf16 and silently drops its legacy name
+        raise UsageError("ds_config has both 'bf16' and 'bfloat16', which are one DeepSpeed setting", str(source),
+                         "keep 'bf16' (bfloat16 is its legacy name; DeepSpeed ignores it when bf16 is there)")
     filler = _recipe_filler(ds, recipe, world_size)
     filled, mismatches = filler.config, filler.mismatches
     _check_unfilled_autos(filled, filler.keys, source)
