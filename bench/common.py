@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,22 @@ def ratio_ci95(a: list[float], b: list[float], resamples: int = 4000, seed: int 
         ratios.append(median([a[i] for i in idx]) / median([b[i] for i in idx]))
     ratios.sort()
     return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
+
+
+class ChildFailed(RuntimeError):
+    """A benchmark's child process exited non-zero; the message ends with its last lines."""
+
+
+def run_child(cmd: list, tail_lines: int = 40, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with the output captured; when the child fails, its last lines (stdout, then stderr) are printed
+    and ChildFailed raised: a bare CalledProcessError of a captured child says nothing of why."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-tail_lines // 2:] + proc.stderr.splitlines()[-tail_lines:])
+        message = f"child exited {proc.returncode}: {' '.join(map(str, cmd))}\n--- its last lines\n{tail}"
+        print(message, file=sys.stderr, flush=True)
+        raise ChildFailed(message)
+    return proc
 
 
 def under_launcher() -> bool:

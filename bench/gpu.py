@@ -8,10 +8,11 @@ bench/gpu.sh installs a carried wheel first (build it with `pip wheel --no-deps 
 """
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.common import run_child
 
 H100_BF16_PEAK = 989e12
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ def main() -> int:
                "--output-dir", str(out), f"train.max_steps={cfg['steps']}", "train.precision=bf16",
                "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0", "train.save_every=0",
                *cfg["overrides"]]
-        subprocess.run(cmd, check=True, cwd=REPO)
+        run_child(cmd, cwd=REPO)
         summary = json.loads((out / "summary.json").read_text())
     result = result_from_summary(summary, torch.cuda.get_device_name(0) if on_gpu else "cpu", cfg["recipe"])
     from bench.common import write_result

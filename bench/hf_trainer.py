@@ -12,10 +12,11 @@ median HF, `ratio_ci95` a bootstrap over whole pairs (bench.common.ratio_ci95).
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.common import REPO, run_child
 
 STEPS, WARMUP, PAIRS = 200, 10, 6
 DS_CONFIG = "zero2"
@@ -42,7 +43,7 @@ def llama_config_dir(workdir: Path) -> Path:
 def run_zero_trainer(config_dir: Path, out: Path) -> float:
     cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml", "--ds-config", DS_CONFIG,
            "--output-dir", str(out), "model.preset=null", f"model.config={config_dir}", *COMMON]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    run_child(cmd, cwd=REPO)
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     header = rows[0].split(",")
     times = [float(r.split(",")[header.index("time")]) for r in rows[1:]]
@@ -59,7 +60,7 @@ def run_hf(config_dir: Path, out: Path) -> float:
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "1", "--master_port", str(port),
            "--module", "bench.hf_trainer", "--worker-hf", str(config_dir), str(out)]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+        run_child(cmd, cwd=REPO)
     finally:
         remove_shm_buffers(port)
     return steady_tokens_per_s(json.loads((out / "hf_times.json").read_text()))

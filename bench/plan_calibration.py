@@ -76,7 +76,8 @@ def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, pa
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)  # it sweeps its shm itself
         if proc.returncode == 0 and summary.is_file():
             return json.loads(summary.read_text())
-        print(f"  attempt {attempt} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        print(f"  attempt {attempt} failed ({proc.returncode}); its last lines:\n"
+              + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:]), flush=True)
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import run_child
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +41,7 @@ def disk_bandwidth(folder: Path, size_mib: int = 2048) -> dict:
                                   "oflag=direct", "conv=fsync"]),
                       ("read", ["dd", f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct"])):
         t = time.time()
-        subprocess.run(cmd, check=True, capture_output=True)
+        run_child(cmd)
         rates[what] = size_mib * 2**20 / (time.time() - t)
     path.unlink()
     return rates
@@ -66,6 +68,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per step (a CPU without AVX-512 computes bf16 at "
                    "~1 GFLOP/s: use a few tokens there, so the step measures the swap path, not the matmuls)")
     p.add_argument("--nvme-path", default=str(REPO / "runs" / "scale_nvme"))
+    p.add_argument("--pretrained", action="store_true", help="fine-tune a bf16 checkpoint of this shape, written by "
+                   "the bench (model.pretrained; writes bench/results/scale_pretrained.json) instead of a random init")
     args = p.parse_args()
 
     from zero_trainer.hardware import physical_memory_bytes
@@ -84,13 +88,26 @@ def main() -> int:
     print(f"{params / 1e9:.2f}B parameters; ~{18 * params / 2**30:.0f} GiB of NVMe needed "
           f"(16 optimizer + 2 weight bytes a parameter), {free / 2**30:.0f} GiB free; disk "
           f"{rates['read'] / 1e9:.2f} GB/s read, {rates['write'] / 1e9:.2f} GB/s write", flush=True)
+    name = "scale_pretrained" if args.pretrained else "scale"
     with tempfile.TemporaryDirectory() as tmp:
         config_dir, out = Path(tmp) / "model", Path(tmp) / "run"
-        config.to_llama_config().save_pretrained(config_dir)
-        log_path = REPO / "bench" / "results" / "scale.log"
+        if args.pretrained:
+            from bench.load import write_checkpoint
+            from zero_trainer.data import _train_bpe, load_documents
+
+            t = time.time()
+            write_checkpoint(config.to_llama_config(), config_dir)
+            _train_bpe(load_documents(None).select(range(200)), 512).save_pretrained(config_dir)
+            print(f"wrote a {du_bytes(config_dir) / 2**30:.1f} GiB bf16 checkpoint in {time.time() - t:.0f} s",
+                  flush=True)
+            model_arg = f"model.pretrained={config_dir}"
+        else:
+            config.to_llama_config().save_pretrained(config_dir)
+            model_arg = f"model.config={config_dir}"
+        log_path = REPO / "bench" / "results" / f"{name}.log"
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml",
                "--ds-config", "auto", "--nvme-path", str(nvme), "--output-dir", str(out),
-               "model.preset=null", f"model.config={config_dir}", f"train.max_steps={args.steps}",
+               "model.preset=null", model_arg, f"train.max_steps={args.steps}",
                "train.precision=bf16", f"data.seq_len={args.seq_len}",
                "train.micro_batch=1", "train.grad_accum=1", "train.eval_every=0", "train.eval_batches=1",
                "train.sample_tokens=0", "train.save_every=0", "train.warmup_steps=1", "train.log_every=1"]
@@ -112,7 +129,12 @@ def main() -> int:
     bound = disk_bound_s(params, summary["activation_checkpointing"], rates)
     from bench.common import write_result
 
-    write_result("scale", {
+    extra = {"load_peak_bytes": summary["load_peak_bytes"], "load_s": summary["load_s"],
+             "predicted_load_peak_bytes": plan.get("predicted_load_peak_bytes"),
+             "load_bytes_per_rank": summary["load_bytes_per_rank"], "first_loss": summary["first_loss"],
+             "losses": summary["losses"], "command": "python -m bench.scale " + " ".join(sys.argv[1:])
+             } if args.pretrained else {}
+    write_result(name, {**extra,
         "params": params, "steps": summary["steps"], "ds_config_name": summary["ds_config_name"], "plan": plan,
         "activation_checkpointing": summary["activation_checkpointing"],
         "predicted_peak_bytes": plan["predicted_peak_bytes"], "peak_rss_bytes": summary["peak_mem_bytes"],

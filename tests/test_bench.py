@@ -43,3 +43,17 @@ def test_ratio_ci95_is_paired():
     noisy = [d * (1 + 0.05 * (-1) ** i) for i, d in enumerate(drift)]
     lo, hi = ratio_ci95(noisy, drift)
     assert lo < 1.0 < hi and hi - lo < 0.15
+
+
+def test_a_failing_child_prints_its_last_lines(capsys):
+    """A benchmark's child that fails says why: its last lines, not a bare CalledProcessError."""
+    import sys
+
+    from bench.common import ChildFailed, run_child
+
+    script = "import sys; print('step 1 ok'); print('Traceback: the real cause', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(ChildFailed) as err:
+        run_child([sys.executable, "-c", script])
+    printed = capsys.readouterr().err
+    for text in ("exited 3", "step 1 ok", "Traceback: the real cause"):
+        assert text in printed and text in str(err.value)

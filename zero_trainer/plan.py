@@ -746,6 +746,31 @@ def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
     return 4 * sum(n for n in sizes if 4 * n <= MMAP_THRESHOLD_MAX)
 
 
+def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload) -> int:
+    """One rank's host memory (RSS) at the peak of building the model and loading model.pretrained's weights, before
+    deepspeed.initialize: what summary.json's load_peak_bytes measures. The process itself (HOST_PROCESS_BYTES), then:
+      - ZeRO-3: the model is built under zero.Init in the run's dtype (w bytes), each tensor whole for a moment and
+        then cut to this rank's partition, the heap trimmed as it goes (metrics.heap_trimmed_per_parameter). The
+        peak: the partitions, w·Ψ/N (in host memory on a CPU-only machine or with offload_param to CPU; on a GPU
+        they are on the device; with NVMe they go to disk), plus the largest tensor whole beside its partition.
+        pretrained.load_pretrained then fills the partitions from disk, one read chunk at a time.
+      - below ZeRO-3: the whole model in fp32 (the trainer builds fp32; DeepSpeed casts at initialize), filled tensor
+        by tensor, one read chunk at a time.
+    A random init builds the same way but keeps the heap's garbage (init_retained_bytes) and gathers each module to
+    initialise it: more than this. Measured: bench/results/load.json (a 1.04B Llama, bf16, 2 CPU ranks, ZeRO-3).
+    """
+    from .pretrained import READ_CHUNK_BYTES
+
+    P, w, N = shape.params, workload.weight_bytes, zero_ranks(hw, workload)
+    chunk = min(READ_CHUNK_BYTES, shape.largest_param * w)
+    if rung.stage < 3:
+        return HOST_PROCESS_BYTES + 4 * P + chunk
+    in_host = hw.cpu_only or rung.offload_param == "cpu"
+    partitions = w * math.ceil(P / N) if in_host else 0
+    transient = w * (shape.largest_param + (math.ceil(shape.largest_param / N) if in_host else 0))
+    return HOST_PROCESS_BYTES + partitions + max(transient, chunk)
+
+
 def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
     dev, cpu, nvme = model_states(tp_rank_shape(shape, workload.tp), rung, zero_ranks(hw, workload),
                                   workload.precision)
@@ -864,9 +889,17 @@ class Plan:
         base = HOST_PROCESS_BYTES if self.hardware.cpu_only else DEVICE_RUNTIME_BYTES
         return self.chosen.device_bytes - base
 
+    @property
+    def load_peak_bytes(self) -> int | None:
+        """One rank's host RSS at the peak of building and loading the model (load_peak_bytes), absolute: the
+        measure summary.json's load_peak_bytes reports."""
+        if self.chosen is None:
+            return None
+        return load_peak_bytes(self.model, self.chosen.rung, self.hardware, self.workload)
+
     def summary(self) -> dict:
         """summary.json's `plan`."""
-        return {"rung": self.chosen.name if self.chosen else None,
+        return {"rung": self.chosen.name if self.chosen else None, "predicted_load_peak_bytes": self.load_peak_bytes,
                 "activation_checkpointing": self.activation_checkpointing,
                 "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss,
@@ -875,7 +908,8 @@ class Plan:
     def line(self) -> str:
         """The plan in one line, printed when a run starts."""
         knobs = ", ".join(f"{k.removeprefix('zero_optimization.')}={_short(v)}" for k, v in self.sized.items())
-        return (f"plan: {self.reason}; predicted peak {_gib(self.predicted_peak_bytes)} a rank"
+        return (f"plan: {self.reason}; predicted peak {_gib(self.predicted_peak_bytes)} a rank, "
+                f"{_gib(self.load_peak_bytes)} of host memory while the model loads"
                 + (f"; {self.parallel}" if self.parallel else "") + (f"; sized {knobs}" if knobs else ""))
 
     def to_json(self) -> dict:
@@ -890,7 +924,8 @@ class Plan:
             "tiled_loss": self.tiled_loss,
             "sequence_parallel_search": [{"sequence_parallel": sp, "fits": False, "reason": why}
                                          for sp, why in self.searched], "parallel_reason": self.parallel_reason,
-            "predicted_peak_bytes": self.predicted_peak_bytes, "reason": self.reason,
+            "predicted_peak_bytes": self.predicted_peak_bytes, "predicted_load_peak_bytes": self.load_peak_bytes,
+            "reason": self.reason,
             "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_mem_bytes": hw.gpu_mem,
                          "cpu_mem_bytes": hw.cpu_mem, "nvme_bytes": hw.nvme, "cpu_only": hw.cpu_only},
             "seq_len": self.workload.seq_len, "micro_batch": self.workload.micro_batch,

@@ -125,6 +125,11 @@ def format_table(plan: Plan) -> str:
                      f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
                      f"{'yes' if c.fits else 'no: ' + c.why}")
     lines.append(f"chosen: {plan.reason}" if plan.chosen else f"nothing fits: {plan.reason}")
+    if plan.chosen:
+        where = "host RAM" if hw.cpu_only else "host (CPU) memory"
+        lines.append(f"load: {plan.load_peak_bytes / GiB:.1f} GiB of {where} per rank at the peak of building and "
+                     f"loading the model (before the engine), beside the step's {plan.chosen.device_bytes / GiB:.1f} "
+                     "GiB")
     if plan.sized:
         knobs = (f"{k.removeprefix('zero_optimization.')}={v}" for k, v in plan.sized.items())
         lines.append("sized: " + ", ".join(knobs))

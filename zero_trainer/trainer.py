@@ -43,7 +43,11 @@ def build_initialized_model(model_cfg, ds_config: dict, seed: int, initialize: b
     from transformers.initialization import no_init_weights
 
     stage3 = zero_stage(ds_config) == 3
-    with no_init_weights(), (deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else nullcontext()):
+    # Weights to be loaded (initialize=False) build with the heap trimmed as zero.Init frees each whole tensor: the
+    # load's peak is then the partitions, not their garbage. (A random init keeps the behaviour the planner's
+    # calibration rows were measured with: plan.init_retained_bytes.)
+    trimmed = metrics.heap_trimmed_per_parameter() if stage3 and not initialize else nullcontext()
+    with no_init_weights(), trimmed, (deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else nullcontext()):
         model = build_model(model_cfg)
     model.tie_weights()  # no_init_weights skips tying too (transformers' _from_config re-ties the same way)
     if not initialize:
@@ -120,6 +124,7 @@ class Run:
         partitions at ZeRO-3 (pretrained.load_pretrained). A resume writes neither: the checkpoint fills every weight,
         and the pretrained files are not read again. Records the load's time, bytes read and peak RSS."""
         self.pretrained, self.load_bytes, t = r.pretrained, 0, time.time()
+        metrics.reset_peak_rss()  # this run's load, not what the process held before (tests run several a process)
         model = build_initialized_model(self.model_cfg, self.ds_config, self.recipe.train.seed,
                                         initialize=r.pretrained is None)
         if r.pretrained is not None and r.resume_from is None:
