@@ -94,7 +94,8 @@ class EngineRuns:
         from zero_trainer.ds_config import available_ds_configs
 
         if ws == "parallel":
-            return launch_engines(self.root / "parallel", 2, PARALLEL_RUNS, env=SMALL_LOSS_TILES)
+            runs = {**PARALLEL_RUNS, **pretrained_runs(self.root / "checkpoints", ws)}
+            return launch_engines(self.root / "parallel", 2, runs, env=SMALL_LOSS_TILES)
         if ws == "families":
             return launch_engines(self.root / "families", 2, family_runs(self.root / "checkpoints"))
         named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
@@ -175,9 +176,14 @@ def pretrained_runs(checkpoints: Path, ws: int) -> dict:
     ckpt = write_all(checkpoints, ("llama", "zero_lm_tied", "zero_lm_untied"))
     base = [*BASE, f"train.max_steps={PRETRAINED_STEPS}", "train.save_every=2"]
     tied, untied, llama = (f"model.pretrained={ckpt[n]}" for n in ("zero_lm_tied", "zero_lm_untied", "llama"))
-    if ws == 1:
+    if ws == 1:  # and the 1-rank references of the model-parallel launch's pretrained runs
         return {"pretrained_zero0": [*base, tied, "deepspeed.config=zero0", *ROUND_TRIP],
-                "pretrained_zero3": [*base, llama, "deepspeed.config=zero3", *ROUND_TRIP]}
+                "pretrained_zero3": [*base, llama, "deepspeed.config=zero3", *ROUND_TRIP],
+                "pretrained_ref": [*base, tied, "deepspeed.config=zero1"],
+                "pretrained_ref_llama": [*base, llama, "deepspeed.config=zero1"]}
+    if ws == "parallel":  # tp on our model, sp on transformers' Llama, from their weights
+        return {"tp2_pretrained": [*base, tied, "parallel.tp=2", "deepspeed.config=zero1"],
+                "sp2_pretrained": [*base, llama, "parallel.sp=2", "deepspeed.config=zero3"]}
     return {"pretrained_zero0": [*base, untied, "deepspeed.config=zero0", *ROUND_TRIP],
             "pretrained_zero2": [*base, tied, "deepspeed.config=zero2"],
             "pretrained_offload_stopped": {"overrides": [*base, tied, "deepspeed.config=zero3_offload",

@@ -179,3 +179,14 @@ def test_fine_tunes_agree_across_rungs_and_resume_reads_no_weights(engine_runs):
     assert_losses_close(nvme["losses"], z2["losses"], 1e-4)
     assert offload["resumed_from"] and offload["load_bytes_per_rank"] == [0, 0]
     assert nvme["pretrained"] == z2["pretrained"] and min(nvme["load_bytes_per_rank"]) > 0
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name, ref", [("tp2_pretrained", "pretrained_ref"),
+                                       ("sp2_pretrained", "pretrained_ref_llama")])
+def test_model_parallel_from_pretrained_weights_follows_the_one_rank_run(name, ref, engine_runs):
+    """tp=2 (AutoTP, our model, ZeRO-1) and sp=2 (Ulysses, transformers' Llama, ZeRO-3) from the same pretrained
+    weights as a 1-rank run reading the same batches: the same losses (as test_parallel's random-init runs)."""
+    run, one = engine_runs[name, "parallel"], engine_runs[ref, 1]
+    assert run["pretrained"] == one["pretrained"] and run["world_size"] == 2
+    assert_losses_close(run["losses"], one["losses"], 1e-3)

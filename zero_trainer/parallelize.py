@@ -143,7 +143,8 @@ def sequence_slice(x, layout: Layout):
         return x, positions, targets
     chunk = T // layout.sp
     cut = slice(layout.sp_rank * chunk, (layout.sp_rank + 1) * chunk)
-    return x[:, cut], positions[:, cut], targets[:, cut]
+    # contiguous: transformers' loss views the targets flat
+    return x[:, cut].contiguous(), positions[:, cut].contiguous(), targets[:, cut].contiguous()
 
 
 def items_in_batch(targets, mpu):
