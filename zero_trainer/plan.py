@@ -752,12 +752,15 @@ def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workl
       - ZeRO-3: the model is built under zero.Init in the run's dtype (w bytes), each tensor whole for a moment and
         then cut to this rank's partition, the heap trimmed as it goes (metrics.heap_trimmed_per_parameter). The
         peak: the partitions, w·Ψ/N (in host memory on a CPU-only machine or with offload_param to CPU; on a GPU
-        they are on the device; with NVMe they go to disk), plus the largest tensor whole beside its partition.
-        pretrained.load_pretrained then fills the partitions from disk, one read chunk at a time.
+        they are on the device; with offload_param to NVMe they go to disk as they are made, through
+        offload_param.buffer_count pinned buffers of buffer_size, which exist from the start), plus the largest
+        tensor whole beside its partition. pretrained.load_pretrained then fills the partitions from disk, one read
+        chunk at a time.
       - below ZeRO-3: the whole model in fp32 (the trainer builds fp32; DeepSpeed casts at initialize), filled tensor
         by tensor, one read chunk at a time.
     A random init builds the same way but keeps the heap's garbage (init_retained_bytes) and gathers each module to
-    initialise it: more than this. Measured: bench/results/load.json (a 1.04B Llama, bf16, 2 CPU ranks, ZeRO-3).
+    initialise it: more than this. Measured: bench/results/load.json (a 1.04B Llama, bf16, 2 CPU ranks, ZeRO-3)
+    and scale_pretrained.json (3.12B, bf16, zero3_nvme, 1 rank).
     """
     from .pretrained import READ_CHUNK_BYTES
 
@@ -765,10 +768,15 @@ def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workl
     chunk = min(READ_CHUNK_BYTES, shape.largest_param * w)
     if rung.stage < 3:
         return HOST_PROCESS_BYTES + 4 * P + chunk
-    in_host = hw.cpu_only or rung.offload_param == "cpu"
+    in_host = rung.offload_param == "cpu" or (hw.cpu_only and rung.offload_param == "none")
     partitions = w * math.ceil(P / N) if in_host else 0
     transient = w * (shape.largest_param + (math.ceil(shape.largest_param / N) if in_host else 0))
-    return HOST_PROCESS_BYTES + partitions + max(transient, chunk)
+    buffers = 0
+    if rung.offload_param == "nvme":
+        intra = _int((rung.ds.get("aio") or {}).get("intra_op_parallelism"), 1)
+        buffers = zero_knob(rung.zero, "offload_param.buffer_count") * _aligned(
+            zero_knob(rung.zero, "offload_param.buffer_size"), w, intra) * w
+    return HOST_PROCESS_BYTES + partitions + buffers + max(transient, chunk)
 
 
 def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
