@@ -518,8 +518,8 @@ def _deepspeed_version() -> str:
 
 def warn(lines: list[str]) -> None:
     """Print warnings once per run: in `zero-trainer train`'s preflight, or on rank 0 when no preflight ran."""
-    if os.environ.get("RANK", "0") == "0" and (os.environ.get("RANK") is None or
-                                              not os.environ.get("ZERO_TRAINER_PREFLIGHT")):
+    rank = os.environ.get("RANK")
+    if rank is None or (rank == "0" and not os.environ.get("ZERO_TRAINER_PREFLIGHT")):
         for line in dict.fromkeys(lines):
             print(line, file=sys.stderr, flush=True)
 
