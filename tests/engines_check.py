@@ -13,6 +13,7 @@ import json
 import sys
 
 from zero_trainer.recipe import load_recipe
+from zero_trainer.train import shut_down_process_group
 from zero_trainer.trainer import run_training
 
 
@@ -20,6 +21,7 @@ def main(spec_path: str) -> None:
     for entry in json.loads(open(spec_path).read()):
         recipe = load_recipe("debug", [*entry["overrides"], f"output_dir={entry['output_dir']}"])
         run_training(recipe, resume=entry.get("resume", False))
+    shut_down_process_group()
 
 
 if __name__ == "__main__":

@@ -158,7 +158,18 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(err.line(), file=sys.stderr)
         return 2
+    shut_down_process_group()
     return 0
+
+
+def shut_down_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to exit, gloo's threads were once destroyed
+    still joinable ("terminate called without an active exception", SIGABRT) after a rank had finished and written
+    everything (an accelerate launch in CI). Every rank has passed the run's last collective when this runs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
