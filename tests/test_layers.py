@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "zero_trainer"
 LAYERS = [
     {"errors", "presets", "shipped"},
-    {"recipe", "hardware", "ops", "metrics"},
+    {"recipe", "hardware", "ops", "metrics", "chat"},
     {"model", "data"},
     {"ds_config", "moe", "pretrained"},
     {"plan", "checkpoint"},
