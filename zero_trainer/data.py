@@ -494,13 +494,13 @@ class BatchSampler:
         )
 
 
-@functools.lru_cache(maxsize=4)
 def eval_indices(batch: int, micro_batch: int, dp_rank: int, dp_size: int, num_blocks: int) -> np.ndarray:
     """The held-out blocks data-parallel rank `dp_rank` reads for eval batch `batch`: consecutive, disjoint across
     ranks, wrapping around (the eval loss is the mean over batches and ranks)."""
     return (np.arange(micro_batch) + (batch * dp_size + dp_rank) * micro_batch) % num_blocks
 
 
+@functools.lru_cache(maxsize=4)
 def _epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_blocks)
 
