@@ -25,16 +25,23 @@ OVERRIDES = ["model.preset=minimind-26m", "train.precision=fp32", f"data.seq_len
              "train.max_steps=100000", "data.max_documents=400", "train.log_every=1"]
 
 
-def raw_deepspeed_step(engine, x):
-    loss = engine(input_ids=x, labels=x).loss
+def raw_deepspeed_step(engine, batch):
+    """The same forward as zero_trainer's (one batch: ids, document positions, targets), with nothing around it."""
+    from zero_trainer.model import next_token_loss
+
+    ids, positions, targets = batch
+    loss = next_token_loss(engine, ids, targets, positions).loss
     engine.backward(loss)
     engine.step()
 
 
-def pytorch_step(model, optimizer, x, clip):
+def pytorch_step(model, optimizer, batch, clip):
     import torch
 
-    loss = model(input_ids=x, labels=x).loss
+    from zero_trainer.model import next_token_loss
+
+    ids, positions, targets = batch
+    loss = next_token_loss(model, ids, targets, positions).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
@@ -60,8 +67,7 @@ def loop_costs(run, log) -> dict:
         "memory probe (/proc/self/statm)": metrics.device_memory_bytes,
         "metrics.csv row (written, flushed)": lambda: log.write(row),
         "progress bar update": lambda: (bar.set_postfix(metrics.bar_fields(row), refresh=False), bar.update(1)),
-        "batch building (sampler, numpy -> tensor)": lambda: run.batch(run.data.train,
-                                                                       run.sampler.indices_at(0)),
+        "batch building (sampler, numpy -> tensor)": lambda: run.batch("train", run.sampler.indices_at(0)),
     }
     costs = {}
     for name, call in parts.items():
@@ -92,7 +98,7 @@ def measure(ds_name: str, workdir: str, rounds: int) -> dict:
     stop, bar = StopRequest(), metrics.progress_bar(train.max_steps, enabled=False)
     log = metrics.MetricsLog(run.out / "metrics.csv")
     sampler = BatchSampler(len(run.data.train), train.micro_batch, 0, 1, train.seed)
-    x = run.batch(run.data.train, sampler.indices(0))
+    x = run.batch("train", sampler.indices(0))
 
     model = build_initialized_model(run.model_cfg, run.ds_config, train.seed)
     raw, *_ = deepspeed.initialize(model=model, config=run.ds_config, model_parameters=list(model.parameters()))

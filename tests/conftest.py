@@ -125,7 +125,7 @@ PEER_CONFIGS = sorted((Path(__file__).resolve().parent / "peer_configs").glob("*
 # Model parallelism (tests/test_parallel.py), 2 ranks in one launch: tp=2 and sp=2 each put both ranks in one
 # group (dp = 1), so every run reads the 1-rank runs' batches. tp2_zero1 stops at step 6 and resumes to 12 in the
 # same output dir; tp2_zero1_whole trains the same 12 steps without stopping.
-SEQ256 = ["data.seq_len=256"]
+SEQ256 = ["data.seq_len=256", "data.packing=false"]  # sp needs whole rows in attention: documents padded, not packed
 TILED = ["parallel.tiled_mlp=true", "parallel.tiled_loss=true"]
 SMALL_LOSS_TILES = {"ZERO_TRAINER_TEST_LOSS_TILE_BYTES": str(2 * 2**20)}  # a debug micro-batch: 4 loss tiles at seq 256
 TP = [*BASE, "parallel.tp=2", "deepspeed.config=zero1", *SAVED]
@@ -180,10 +180,10 @@ def pretrained_runs(checkpoints: Path, ws: int) -> dict:
         return {"pretrained_zero0": [*base, tied, "deepspeed.config=zero0", *ROUND_TRIP],
                 "pretrained_zero3": [*base, llama, "deepspeed.config=zero3", *ROUND_TRIP],
                 "pretrained_ref": [*base, tied, "deepspeed.config=zero1"],
-                "pretrained_ref_llama": [*base, llama, "deepspeed.config=zero1"]}
+                "pretrained_ref_llama": [*base, llama, "deepspeed.config=zero1", "data.packing=false"]}
     if ws == "parallel":  # tp on our model, sp on transformers' Llama, from their weights
         return {"tp2_pretrained": [*base, tied, "parallel.tp=2", "deepspeed.config=zero1"],
-                "sp2_pretrained": [*base, llama, "parallel.sp=2", "deepspeed.config=zero3"]}
+                "sp2_pretrained": [*base, llama, "parallel.sp=2", "deepspeed.config=zero3", "data.packing=false"]}
     return {"pretrained_zero0": [*base, untied, "deepspeed.config=zero0", *ROUND_TRIP],
             "pretrained_zero2": [*base, tied, "deepspeed.config=zero2"],
             "pretrained_offload_stopped": {"overrides": [*base, tied, "deepspeed.config=zero3_offload",

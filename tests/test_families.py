@@ -26,14 +26,13 @@ def _export(summary: dict, out: Path) -> Path:
 
 
 def _eval_loss(model_dir: Path, summary: dict) -> float:
-    """The trainer's evaluate() over the exported model: the same held-out blocks per data-parallel rank (dp = world
-    size here), the same loss call, averaged over batches and ranks."""
+    """The trainer's evaluate() over the exported model: the same held-out rows per data-parallel rank (dp = world
+    size here), the same batches (documents apart) and loss call, weighted by targets."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from zero_trainer.data import eval_indices
     from zero_trainer.model import model_config, next_token_loss
-    from zero_trainer.parallelize import WHOLE, sequence_slice
     from zero_trainer.recipe import Recipe, set_field
     from zero_trainer.resolve import load_data
 
@@ -44,15 +43,16 @@ def _eval_loss(model_dir: Path, summary: dict) -> float:
                 set_field(recipe, f"{section}.{key}", value, "summary")
     data = load_data(recipe, model_config(recipe.model_source).vocab_size)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    train, dp, total = recipe.train, summary["world_size"], 0.0
+    train, dp, total, count = recipe.train, summary["world_size"], 0.0, 0
     with torch.no_grad():
         for rank in range(dp):
             for b in range(train.eval_batches):
                 idx = eval_indices(b, train.micro_batch, rank, dp, len(data.eval))
-                x = torch.from_numpy(data.eval[sorted(idx)].astype("int64"))
-                ids, positions, targets = sequence_slice(x, WHOLE)
-                total += next_token_loss(model, ids, targets, positions).loss.item()
-    return total / (dp * train.eval_batches)
+                ids, positions, targets = (torch.from_numpy(a) for a in data.batch("eval", idx))
+                n = int((targets != -100).sum())
+                total += n * next_token_loss(model, ids, targets, positions).loss.item()
+                count += n
+    return total / count
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -139,13 +139,15 @@ def test_moe_export_is_mixtral_computing_the_trained_function(moe_runs, name, tm
     per_rank = []
     with torch.no_grad():
         for rank in range(summary["world_size"]):  # trainer.evaluate with eval_batches=1
-            x = torch.from_numpy(data.eval[rank * micro:(rank + 1) * micro].astype("int64"))
-            out = model(input_ids=x, output_router_logits=True)
+            x, positions, targets = (torch.from_numpy(a) for a in data.batch(
+                "eval", range(rank * micro, (rank + 1) * micro)))
+            out = model(input_ids=x, position_ids=positions, output_router_logits=True, use_cache=False)
             aux = sum(load_balancing_loss(r.float().softmax(-1), r.topk(model.config.num_experts_per_tok).indices, 4)
                       for r in out.router_logits)
-            ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-            per_rank.append((ce + coef * aux).item())
-        assert abs(sum(per_rank) / len(per_rank) - summary["eval_loss"]) <= 1e-5, (per_rank, summary["eval_loss"])
+            ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            per_rank.append(((ce + coef * aux).item(), int((targets != -100).sum())))
+        weighted = sum(loss * n for loss, n in per_rank) / sum(n for _, n in per_rank)  # evaluate's token weighting
+        assert abs(weighted - summary["eval_loss"]) <= 1e-5, (per_rank, summary["eval_loss"])
         prompt = torch.from_numpy(data.eval[:1, :16].astype("int64"))
         ids = model.generate(prompt, max_new_tokens=recipe.train.sample_tokens, do_sample=False)
     text = data.tokenizer.decode(prompt[0].tolist()) + " ⟶ " + data.tokenizer.decode(ids[0, 16:].tolist())

@@ -84,9 +84,15 @@ def test_resume_across_a_different_tp_is_one_line(engine_runs, tmp_path):
 
 
 def test_sequence_slice_keeps_each_token_its_target_and_position():
+    import numpy as np
+
+    from zero_trainer.data import next_token_targets
+
     x = torch.arange(16).view(2, 8)
-    whole_ids, whole_pos, whole_targets = sequence_slice(x, Layout(1, 1, 1, 0, 0))
-    parts = [sequence_slice(x, Layout(1, 2, 1, 0, r)) for r in (0, 1)]
+    batch = (x, torch.arange(8).expand(2, 8), torch.from_numpy(next_token_targets(x.numpy())))
+    whole_ids, whole_pos, whole_targets = sequence_slice(batch, Layout(1, 1, 1, 0, 0))
+    assert np.array_equal(whole_targets[:, :-1].numpy(), x[:, 1:].numpy())
+    parts = [sequence_slice(batch, Layout(1, 2, 1, 0, r)) for r in (0, 1)]
     assert torch.equal(torch.cat([p[0] for p in parts], 1), whole_ids)
     assert torch.equal(torch.cat([p[1] for p in parts], 1), whole_pos)
     assert torch.equal(torch.cat([p[2] for p in parts], 1), whole_targets)

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 DOCUMENT_SUFFIXES = (".jsonl", ".parquet", ".txt")
-DATA_KEYS = {"path", "tokenizer", "eval_fraction", "max_documents"}
+DATA_KEYS = {"path", "tokenizer", "eval_fraction", "max_documents", "format", "chat_template", "train_on_prompt",
+             "packing"}
+CHAT_SUFFIXES = (".jsonl", ".json")
 
 
 class DataError(ValueError):
@@ -517,6 +519,52 @@ class PreparedData:
     tokenizer_dir: str  # a save_pretrained directory, to ship with an exported model
     num_tokens: int  # length of the whole token stream, before packing
     fingerprint: str  # identifies the exact train/eval blocks (corpus, tokenizer, seq_len, split)
+    # Rows that are not plain windows of the stream (chat, or data.packing false): per token, its label (-100: not
+    # learned, or padding) and its position in its document; None: derived from the eos tokens (document_positions).
+    train_labels: np.ndarray | None = None
+    eval_labels: np.ndarray | None = None
+    train_positions: np.ndarray | None = None
+    eval_positions: np.ndarray | None = None
+    isolate: bool = True  # documents in one row do not see each other (data.packing's isolation)
+    dropped: int = 0  # conversations longer than seq_len, left out
+    examples: int = 0  # conversations (chat) or documents kept
+
+    def batch(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input ids, positions, next-token targets) of rows `indices` (sorted) of "train" or "eval", int64 [B, T]:
+        what the model trains on. Positions restart at every document, so attention can keep documents apart;
+        a target is -100 where its token is not learned, where the next token starts another document, and at
+        the row's end."""
+        rows = np.sort(np.asarray(indices))
+        ids = np.asarray(getattr(self, split)[rows], dtype=np.int64)
+        labels = getattr(self, f"{split}_labels")
+        if labels is None:  # plain windows of the stream: documents end at eos
+            eos = self.tokenizer.eos_token_id
+            positions = document_positions(ids, eos) if self.isolate else np.broadcast_to(
+                np.arange(ids.shape[1]), ids.shape).copy()
+            return ids, positions, next_token_targets(ids, positions if self.isolate else None)
+        positions = np.asarray(getattr(self, f"{split}_positions")[rows], dtype=np.int64)
+        return ids, positions, next_token_targets(np.asarray(labels[rows], dtype=np.int64), positions)
+
+
+def document_positions(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """Each token's position in its document, for rows of packed documents that end at eos: 0 at the row's start
+    and after every eos."""
+    start = np.zeros(ids.shape, dtype=bool)
+    start[:, 0] = True
+    start[:, 1:] = ids[:, :-1] == eos_id
+    index = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    return index - np.maximum.accumulate(np.where(start, index, 0), axis=1)
+
+
+def next_token_targets(labels: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """targets[t] = labels[t + 1] (the next token, or -100 where it is not learned); -100 at the row's end and,
+    given positions, where the next token starts a new document (a document's first token is not predicted from
+    the one before it)."""
+    targets = np.full(labels.shape, -100, dtype=np.int64)
+    targets[:, :-1] = labels[:, 1:]
+    if positions is not None:
+        targets[:, :-1][positions[:, 1:] == 0] = -100
+    return targets
 
 
 def prepare_data(data_cfg: dict, vocab_size: int, seq_len: int, seed: int, cache_dir: str) -> PreparedData:
@@ -530,6 +578,8 @@ def prepare_data(data_cfg: dict, vocab_size: int, seq_len: int, seed: int, cache
     eval_fraction = data_cfg.get("eval_fraction", 0.05)
     max_documents = data_cfg.get("max_documents")
     os.makedirs(cache_dir, exist_ok=True)
+    if data_cfg.get("format", "text") == "chat":
+        return prepare_chat(data_cfg, vocab_size, seq_len, seed, cache_dir)
 
     documents = load_documents(data_cfg.get("path"), cache_dir=os.path.join(cache_dir, "datasets"))
     if max_documents is not None:
@@ -548,21 +598,222 @@ def prepare_data(data_cfg: dict, vocab_size: int, seq_len: int, seed: int, cache
         )
 
     tokens = tokenize_corpus(documents, tokenizer, cache_dir)
-    blocks = pack_blocks(tokens, seq_len)
+    packing = data_cfg.get("packing", True)
+    if packing:
+        blocks = pack_blocks(tokens, seq_len)
+        rows = {"ids": blocks}
+    else:
+        key = _hash(_token_stream_key(documents, tokenizer), seq_len)
+        rows = _cached_rows(os.path.join(cache_dir, f"padded-{key}"),
+                            lambda: pad_documents(tokens, seq_len, tokenizer.eos_token_id))
+        blocks = rows["ids"]
     if len(blocks) < 2:
         raise DataError(
             f"corpus too small: {len(tokens)} tokens make {len(blocks)} blocks of seq_len {seq_len} (data.seq_len): "
             "use a smaller seq_len or more data (at least 2 blocks are needed for train and eval)"
         )
-    train, eval_blocks = split_train_eval(blocks, eval_fraction, seed)
+    split = {name: split_train_eval(array, eval_fraction, seed) for name, array in rows.items()}
     return PreparedData(
-        train=train,
-        eval=eval_blocks,
+        train=split["ids"][0],
+        eval=split["ids"][1],
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer.name_or_path,
         num_tokens=len(tokens),
-        fingerprint=_hash(_token_stream_key(documents, tokenizer), seq_len, eval_fraction, seed),
+        fingerprint=_hash(_token_stream_key(documents, tokenizer), seq_len, eval_fraction, seed,
+                          *([] if packing else ["padded"])),
+        **({} if packing else {"train_labels": split["labels"][0], "eval_labels": split["labels"][1],
+                               "train_positions": split["positions"][0], "eval_positions": split["positions"][1]}),
+        isolate=True,
+        examples=len(documents),
     )
+
+
+def pad_documents(tokens: np.ndarray, seq_len: int, eos_id: int) -> dict[str, np.ndarray]:
+    """data.packing false: each document (with its eos) in rows of its own, cut at seq_len, the last padded with eos
+    tokens that are not learned. {"ids", "labels", "positions"}, [N, seq_len] each; positions run on through the
+    padding (nothing real attends to it, causal attention looks back only), so a row is one sequence to attention."""
+    ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1
+    starts = np.concatenate([[0], ends[:-1]])
+    pieces = [(s, min(s + seq_len, e)) for s, e in zip(starts, ends, strict=True) for s in range(s, e, seq_len)]
+    ids = np.full((len(pieces), seq_len), eos_id, dtype=np.int64)
+    labels = np.full((len(pieces), seq_len), -100, dtype=np.int32)
+    positions = np.zeros((len(pieces), seq_len), dtype=np.int32)
+    positions[:] = np.arange(seq_len)
+    for row, (a, b) in enumerate(pieces):
+        ids[row, : b - a] = tokens[a:b]
+        labels[row, : b - a] = tokens[a:b]
+    return {"ids": ids.astype(tokens.dtype), "labels": labels, "positions": positions}
+
+
+def _cached_rows(path: str, build) -> dict[str, np.ndarray]:
+    """Arrays built once and kept as an .npz in the cache (the first caller builds, others wait)."""
+    file = path + ".npz"
+    if not os.path.exists(file):
+        with _exclusive_lock(file + ".lock"):
+            if not os.path.exists(file):
+                arrays = build()
+                np.savez(file + ".tmp.npz", **arrays)
+                os.replace(file + ".tmp.npz", file)
+    with np.load(file) as saved:
+        return {name: saved[name] for name in saved.files}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chat
+
+
+def prepare_chat(data_cfg: dict, vocab_size: int, seq_len: int, seed: int, cache_dir: str) -> PreparedData:
+    """data.format chat: conversations -> one messages list each (chat.normalize) -> token ids and what to learn
+    (chat.encode, the tokenizer's or data.chat_template's template) -> rows of seq_len: several whole conversations a
+    row (packing), positions restarting at each, or one a row, padded. Conversations longer than seq_len are left
+    out and counted. Cached like the token stream."""
+    from . import chat
+
+    path, tokenizer_path = data_cfg.get("path"), data_cfg.get("tokenizer")
+    if path is None:
+        raise DataError("data.format chat needs conversations (data.path): point it at a .jsonl/.json file or a "
+                        "directory of them")
+    if tokenizer_path is None:
+        raise DataError("data.format chat needs the model's tokenizer (data.tokenizer): use model.pretrained (its "
+                        "tokenizer comes with it) or set data.tokenizer")
+    tokenizer = _load_pretrained_tokenizer(tokenizer_path)
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"tokenizer vocab {len(tokenizer)} > model vocab_size {vocab_size} (data.tokenizer="
+                        f"{tokenizer_path}): use the tokenizer the model was trained with")
+    template = _chat_template(data_cfg.get("chat_template"), tokenizer, tokenizer_path)
+    files = _chat_files(path)
+    train_on_prompt, packing = bool(data_cfg.get("train_on_prompt", False)), data_cfg.get("packing", True)
+    eval_fraction, max_documents = data_cfg.get("eval_fraction", 0.05), data_cfg.get("max_documents")
+    key = _hash(*[(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files], _tokenizer_fingerprint(tokenizer),
+                template, train_on_prompt, packing, seq_len, eval_fraction, seed, max_documents, "chat-v1")
+
+    def build():
+        encoded, dropped = [], 0
+        for where, row in _conversations(files, max_documents):
+            try:
+                ids, learn = chat.encode(tokenizer, template, chat.normalize(row), train_on_prompt)
+            except chat.ChatError as err:
+                raise DataError(f"{err} ({where})") from None
+            if len(ids) > seq_len:
+                dropped += 1
+                continue
+            encoded.append((ids, learn))
+        if len(encoded) < 2:
+            raise DataError(f"{len(encoded)} conversation(s) fit in data.seq_len {seq_len} ({path}; {dropped} longer "
+                            "ones left out): use a longer seq_len or more conversations (2 at least: train and eval)")
+        order = np.random.default_rng(seed).permutation(len(encoded))
+        num_eval = min(len(encoded) - 1, max(1, round(len(encoded) * eval_fraction)))
+        parts = {"train": [encoded[i] for i in sorted(order[num_eval:])],
+                 "eval": [encoded[i] for i in sorted(order[:num_eval])]}
+        arrays = {f"{split}_{name}": value for split, convs in parts.items()
+                  for name, value in chat_rows(convs, seq_len, tokenizer.eos_token_id, packing).items()}
+        return {**arrays, "stats": np.array([len(encoded), dropped, sum(len(c[0]) for c in encoded)])}
+
+    rows = _cached_rows(os.path.join(cache_dir, f"chat-{key}"), build)
+    examples, dropped, num_tokens = (int(x) for x in rows["stats"])
+    return PreparedData(
+        train=rows["train_ids"], eval=rows["eval_ids"], tokenizer=tokenizer, tokenizer_dir=tokenizer.name_or_path,
+        num_tokens=num_tokens, fingerprint=key, train_labels=rows["train_labels"], eval_labels=rows["eval_labels"],
+        train_positions=rows["train_positions"], eval_positions=rows["eval_positions"], isolate=True,
+        dropped=dropped, examples=examples)
+
+
+def chat_rows(conversations: list[tuple[list, list]], seq_len: int, pad_id: int, packing: bool) -> dict:
+    """(ids, learn) conversations -> [N, seq_len] ids, labels (the token where learned, else -100) and positions:
+    packing puts whole conversations one after another while they fit (in order), else one a row; the rest of a
+    row is padding (pad_id, not learned, its positions running on from the last conversation's: causal attention
+    never looks forward, so nothing real sees it, and an unpacked row stays one sequence to attention)."""
+    rows, current = [], []
+    for conv in conversations:
+        if current and (not packing or sum(len(c[0]) for c in current) + len(conv[0]) > seq_len):
+            rows.append(current)
+            current = []
+        current.append(conv)
+    if current:
+        rows.append(current)
+    ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), seq_len), -100, dtype=np.int64)
+    positions = np.zeros((len(rows), seq_len), dtype=np.int64)
+    for r, convs in enumerate(rows):
+        t = 0
+        for conv_ids, learn in convs:
+            n = len(conv_ids)
+            ids[r, t:t + n] = conv_ids
+            labels[r, t:t + n] = np.where(learn, conv_ids, -100)
+            positions[r, t:t + n] = np.arange(n)
+            t += n
+        positions[r, t:] = np.arange(n, n + seq_len - t)
+    return {"ids": ids, "labels": labels, "positions": positions}
+
+
+def _chat_template(name_or_path: str | None, tokenizer, tokenizer_path: str) -> str:
+    from .chat import TEMPLATES
+
+    if name_or_path is None:
+        if not tokenizer.chat_template:
+            raise DataError(f"the tokenizer ({tokenizer_path}) has no chat_template (data.chat_template): set "
+                            "data.chat_template to a .jinja file, or to chatml (built in)")
+        return tokenizer.chat_template
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    if not os.path.isfile(name_or_path):
+        raise DataError(f"chat template file not found (data.chat_template={name_or_path}): give a .jinja file or "
+                        f"one of: {', '.join(TEMPLATES)}")
+    with open(name_or_path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _chat_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(str(f) for f in Path(path).rglob("*") if f.suffix in CHAT_SUFFIXES and f.is_file())
+        if not files:
+            raise DataError(f"no .jsonl/.json files in directory ({path}): add some, or point data.path at a file")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"data path does not exist ({path}): fix data.path")
+    if Path(path).suffix not in CHAT_SUFFIXES:
+        raise DataError(f"unsupported file type for chat data ({path}): data.path takes .jsonl or .json (an array "
+                        "of conversations) or a directory of them")
+    return [path]
+
+
+def _conversations(files: list[str], limit: int | None):
+    """(where, row) of every conversation: a JSON object per line of a .jsonl file ("FILE:LINE"), or the items of a
+    .json array ("FILE, item I")."""
+    count = 0
+    for file in files:
+        with open(file, "rb") as f:
+            raw = f.read()
+        if b"\0" in raw:
+            nul = raw.index(b"\0")
+            _raise_binary(file, raw.count(b"\n", 0, nul) + 1, nul - (raw.rfind(b"\n", 0, nul) + 1))
+        if file.endswith(".json"):
+            text = _decode_line(raw, file, 1).removeprefix("\ufeff")
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"invalid JSON ({file}:{err.lineno}): {err.msg}; a .json file holds one array of "
+                                "conversations") from None
+            if not isinstance(rows, list):
+                raise DataError(f"a .json chat file holds one array of conversations ({file}:1, found a JSON "
+                                f"{_json_type(rows)})")
+            items = [(f"{file}, item {i}", row) for i, row in enumerate(rows)]
+        else:
+            items = []
+            for number, line in enumerate(raw.split(b"\n"), start=1):
+                text = _decode_line(line, file, number).removeprefix("\ufeff" if number == 1 else "")
+                if not text.strip():
+                    continue
+                try:
+                    items.append((f"{file}:{number}", json.loads(text)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"invalid JSON ({file}:{number}): {err.msg}; each line must be one JSON "
+                                    "conversation") from None
+        for item in items:
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield item
 
 
 # ---------------------------------------------------------------------------------------------------------

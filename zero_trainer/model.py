@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -149,8 +150,6 @@ class Attention(nn.Module):
         # Ulysses can take its place; it returns (B, T, heads, head_dim)
         impl = self.config._attn_implementation
         attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
-        if impl == "eager" and mask is not None:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
         y, _ = attend(self, q, k, v, mask, scaling=self.head_dim ** -0.5, dropout=0.0, position_ids=position_ids)
         return self.o_proj(y.reshape(B, T, -1))
 
@@ -284,10 +283,20 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
         mask = None  # None -> SDPA's is_causal fast path
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # padded batch: causal AND real key; a pad query with no real key would softmax to NaN, so it sees itself
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = (causal & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+        documents = find_packed_sequence_indices(position_ids)  # positions restarting: several documents a row
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if documents is not None or padded:
+            # causal AND (same document) AND (real key); a pad query with no real key would softmax to NaN, so it
+            # sees itself. Built once a forward and shared by every layer.
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+            if documents is not None:
+                mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
+            if padded:
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool,
+                                                                                      device=x.device)
+            # additive, in the activations' dtype: attention saves this one tensor for backward in every layer,
+            # where a boolean mask would be converted (and saved) again in each
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, position_ids)
         x = self.model.norm(x)
@@ -353,7 +362,7 @@ def next_token_loss(model, input_ids, targets, position_ids=None, num_items=None
     slice keeps its boundary token's target). `labels` goes too: transformers' classes compute a loss only when
     given labels, and shift_labels then takes their place. Returns the model's output."""
     return model(input_ids=input_ids, position_ids=position_ids, labels=targets, shift_labels=targets,
-                 num_items_in_batch=num_items)
+                 num_items_in_batch=num_items, use_cache=False)  # no cache: transformers reads packing from positions
 
 
 def check_causal_decoder(cfg: PretrainedConfig) -> None:

@@ -88,6 +88,11 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
             raise UsageError(f"parallel.sp needs attention Ulysses can wrap; the model config asks for {impl}",
                              recipe.model_field, "set the config's attn_implementation to sdpa (or a flash "
                              "attention) for sequence parallelism")
+        if recipe.data.packing:
+            raise UsageError("parallel.sp splits each sequence over ranks, and data.packing's document isolation needs "
+                             "a row's whole sequence in attention to build its mask", "data.packing",
+                             "set data.packing=false (one document or conversation a row, padded) for sequence "
+                             "parallelism")
     if p.tiled_mlp and getattr(model_cfg, "num_local_experts", 0):
         raise UsageError("parallel.tiled_mlp tiles a dense MLP; this model's layers are mixtures of experts",
                          "parallel.tiled_mlp", "turn tiled_mlp off for a MoE model (tiled_loss works)")
@@ -129,35 +134,25 @@ def restore_attention(mpu, model) -> None:
     ALL_ATTENTION_FUNCTIONS[impl] = type(ALL_ATTENTION_FUNCTIONS)._global_mapping.get(impl, sdpa_attention_forward)
 
 
-def sequence_slice(x, layout: Layout):
-    """This rank's inputs for a batch of whole sequences x (B, T): input ids, global positions and next-token
-    targets, each cut to the rank's T/sp tokens (the targets shifted before cutting, so the boundary token keeps
-    its target)."""
-    import torch
-    import torch.nn.functional as F
-
-    B, T = x.shape
-    targets = F.pad(x[:, 1:], (0, 1), value=-100)
-    positions = torch.arange(T, device=x.device).expand(B, T)
+def sequence_slice(batch, layout: Layout):
+    """This rank's part of a batch of whole sequences (input ids, positions, next-token targets; B × T each): all of
+    it, or with SP its T/sp tokens of each (the targets were shifted before cutting, so the boundary token keeps its
+    target; positions stay global)."""
     if layout.sp == 1:
-        return x, positions, targets
+        return batch
+    T = batch[0].shape[1]
     chunk = T // layout.sp
     cut = slice(layout.sp_rank * chunk, (layout.sp_rank + 1) * chunk)
-    # contiguous: transformers' loss views the targets flat
-    return x[:, cut].contiguous(), positions[:, cut].contiguous(), targets[:, cut].contiguous()
+    return tuple(t[:, cut].contiguous() for t in batch)  # contiguous: transformers' loss views the targets flat
 
 
-def items_in_batch(targets, mpu):
-    """The count a rank divides its summed loss by (HF's num_items_in_batch). With SP: the whole sequence's target
-    count over sp, so each rank's loss is sp × its share and their mean, which the loop logs, is the unsplit
-    run's loss."""
-    count = (targets != -100).sum()
-    if mpu is None:
-        return count
-    import deepspeed.comm as dist
-
-    dist.all_reduce(count, group=mpu.get_sequence_parallel_group())
-    return count / mpu.get_sequence_parallel_world_size()
+def items_per_micro_batch(total_targets, layout: Layout, grad_accum: int):
+    """What each rank divides its summed loss by (HF's num_items_in_batch), given the targets of the whole step
+    (every micro-batch of every data-parallel rank, counted once): total / (grad_accum · dp · sp). DeepSpeed then
+    averages the micro-batches and the ranks (SP: see gradient_scale), so the step's gradient is that of the summed
+    loss over the total — every learned token weighs the same whatever the accumulation, world size or padding — and
+    the mean of the ranks' losses, which the loop logs, is the step's loss per target."""
+    return total_targets / (grad_accum * layout.dp * layout.sp)
 
 
 def gradient_scale(layout: Layout, zero_stage: int) -> float:

@@ -55,8 +55,13 @@ class DataSection:
     tokenizer: str | None = _f(None, _opt_str, "None: a byte-level BPE trained on the corpus, cached")
     seq_len: int = _f(256, _pos_int)
     eval_fraction: float = _f(0.05, ((int, float), lambda v: 0 < v < 1, "a fraction between 0 and 1 (exclusive)"))
-    max_documents: int | None = _f(None, _opt_pos_int)
+    max_documents: int | None = _f(None, _opt_pos_int, "documents (text) or conversations (chat) to read at most")
     cache_dir: str | None = _f(None, _opt_str, "None: $ZERO_TRAINER_CACHE or ~/.cache/zero_trainer")
+    format: str = _f("text", ((str,), lambda v: v in ("text", "chat"), "text or chat"),
+                     "text: documents; chat: conversations (OpenAI, minimind, ShareGPT, Alpaca), assistants learned")
+    chat_template: str | None = _f(None, _opt_str, "a .jinja file, or chatml; None: the tokenizer's chat_template")
+    train_on_prompt: bool = _f(False, _bool, "chat: learn every token, not only the assistant's")
+    packing: bool = _f(True, _bool, "several documents a row, each attending only to itself; false: one a row, padded")
 
 
 @dataclass

@@ -186,7 +186,8 @@ def load_data(recipe: Recipe, vocab_size: int) -> PreparedData:
     try:
         # Progress bars and library chatter go to stdout: on failure stderr holds the one error line.
         with contextlib.redirect_stderr(sys.stdout):
-            return prepare_data({**{k: getattr(data, k) for k in ("path", "eval_fraction", "max_documents")},
+            return prepare_data({**{k: getattr(data, k) for k in ("path", "eval_fraction", "max_documents", "format",
+                                                                  "chat_template", "train_on_prompt", "packing")},
                                  "tokenizer": recipe.tokenizer_path},
                                 vocab_size=vocab_size, seq_len=data.seq_len, seed=recipe.train.seed,
                                 cache_dir=recipe.cache_dir)

@@ -7,7 +7,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint, metrics, parallelize
@@ -170,13 +169,23 @@ class Run:
                         self.data.tokenizer)
         self.saved_step = self.state["step"]
 
-    def next_batch(self) -> torch.Tensor:
-        x = self.batch(self.data.train, self.sampler.indices_at(self.state["position"]))
+    def next_batch(self) -> tuple:
+        batch = self.batch("train", self.sampler.indices_at(self.state["position"]))
         self.state["position"] += self.sampler.samples_per_micro_step
-        return x
+        return batch
 
-    def batch(self, blocks: np.ndarray, indices) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(blocks[np.sort(indices)], dtype=np.int64)).to(self.device)
+    def batch(self, split: str, indices) -> tuple:
+        """(input ids, positions, targets) of rows `indices` of "train" or "eval" (data.PreparedData.batch)."""
+        return tuple(torch.from_numpy(a).to(self.device) for a in self.data.batch(split, indices))
+
+    def items_per_micro_batch(self, batches: list) -> torch.Tensor:
+        """num_items_in_batch for this step's micro-batches: the targets of the whole step over every rank (a
+        data-parallel batch is read by tp·sp ranks, so counted once), per micro-batch per rank
+        (parallelize.items_per_micro_batch)."""
+        local = sum(int((targets != -100).sum()) for _, _, targets in batches)
+        total = self.reduce_over_ranks([float(local)])[0] / self.recipe.parallel.model_parallel
+        items = parallelize.items_per_micro_batch(total, self.layout, self.recipe.train.grad_accum)
+        return torch.tensor(max(items, 1e-9), dtype=torch.float32, device=self.device)
 
     def reduce_over_ranks(self, values: list[float], op: str = "sum") -> list[float]:
         import deepspeed.comm as dist
@@ -218,9 +227,11 @@ def train_step(run: Run) -> float:
     """One optimizer step of grad_accum micro-batches; returns this rank's mean micro-batch loss (with SP, sp × its
     slice's share: the mean over ranks, which the loop logs, is the whole sequence's loss)."""
     engine, losses = run.engine, []
-    for _ in range(run.recipe.train.grad_accum):
-        ids, positions, targets = parallelize.sequence_slice(run.next_batch(), run.layout)
-        loss = next_token_loss(engine, ids, targets, positions, parallelize.items_in_batch(targets, run.mpu)).loss
+    batches = [run.next_batch() for _ in range(run.recipe.train.grad_accum)]  # whole sequences, this dp rank's
+    items = run.items_per_micro_batch(batches)
+    for batch in batches:
+        ids, positions, targets = parallelize.sequence_slice(batch, run.layout)
+        loss = next_token_loss(engine, ids, targets, positions, items).loss
         engine.backward(loss * run.grad_scale if run.grad_scale != 1 else loss)
         engine.step()
         losses.append(loss.detach().float().item())
@@ -229,23 +240,26 @@ def train_step(run: Run) -> float:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over held-out blocks; each data-parallel group reads its own blocks, every rank runs the same
-    forwards (whole sequences: Ulysses steps aside in eval mode)."""
-    train, blocks, layout = run.recipe.train, run.data.eval, run.layout
-    micro, total = train.micro_batch, 0.0
+    """Loss per target over held-out rows (each batch's mean weighted by its targets); each data-parallel group
+    reads its own rows, every rank runs the same forwards (whole sequences: Ulysses steps aside in eval mode)."""
+    train, layout = run.recipe.train, run.layout
+    weighted = count = 0.0
     run.engine.eval()
     for b in range(train.eval_batches):
-        x = run.batch(blocks, eval_indices(b, micro, layout.dp_rank, layout.dp, len(blocks)))
-        ids, positions, targets = parallelize.sequence_slice(x, parallelize.WHOLE)
-        total += next_token_loss(run.engine, ids, targets, positions).loss.float().item()
+        ids, positions, targets = run.batch("eval", eval_indices(b, train.micro_batch, layout.dp_rank, layout.dp,
+                                                                 len(run.data.eval)))
+        n = float((targets != -100).sum())
+        weighted += n * next_token_loss(run.engine, ids, targets, positions).loss.float().item() if n else 0.0
+        count += n
     run.engine.train()
-    return run.mean_over_ranks(total / train.eval_batches)
+    weighted, count = run.reduce_over_ranks([weighted, count])
+    return weighted / max(count, 1.0)
 
 
 @torch.no_grad()
 def sample_text(run: Run, num_tokens: int) -> str:
     """Greedy continuation of a held-out prompt; all ranks run it (ZeRO-3 gathers weights in forward)."""
-    prompt = run.batch(run.data.eval, [0])[:, :16]
+    prompt = run.batch("eval", [0])[0][:, :16]
     run.engine.eval()
     ids = prompt
     for _ in range(num_tokens):
