@@ -108,12 +108,14 @@ class EngineRuns:
             named["seq256"] = [*BASE, "deepspeed.config=zero1", *SEQ256]  # the model-parallel runs' reference
             named["tiled"] = [*BASE, "deepspeed.config=zero1", *SEQ256, *TILED]
             named.update(pretrained_runs(self.root / "checkpoints", ws))
+            named.update(sft_runs(self.root / "checkpoints", ws))
             return launch_engines(self.root / f"ws{ws}", ws, named, env=SMALL_LOSS_TILES)
         else:
             for n in ("zero2", "zero3", "zero2_bf16"):
                 named[n] += SAVED
             named["zero2"].append("train.report_to=[tensorboard,wandb]")  # test_runs reads what rank 0 wrote
             named.update(pretrained_runs(self.root / "checkpoints", ws))
+            named.update(sft_runs(self.root / "checkpoints", ws))
             named.update({f"peer_{p.stem}": [*BASE, f"deepspeed.config={p}", "train.precision=bf16",
                                               "train.max_steps=3"] for p in PEER_CONFIGS})
         return launch_engines(self.root / f"ws{ws}", ws, named)
@@ -190,6 +192,39 @@ def pretrained_runs(checkpoints: Path, ws: int) -> dict:
                                                          "train.stop_at_step=2"], "dir": "pretrained_offload"},
             "pretrained_offload": {"overrides": [*base, tied, "deepspeed.config=zero3_offload"], "resume": True},
             "pretrained_nvme": [*base, tied, "deepspeed.config=zero3_nvme"]}
+
+
+# Supervised fine-tuning (tests/test_sft.py): the same chat conversations (tests/chat_data.py), 4 rows a step, from
+# the same pretrained weights. Full fine-tunes: 1 rank micro 4 and micro 2 x accumulation 2, 2 ranks at ZeRO-0 and
+# ZeRO-3. LoRA (r 4 on every linear layer): our tied model at 1 rank ZeRO-0 and 2 ranks ZeRO-2 and ZeRO-3 + CPU
+# offload (stopped at step 3 and resumed); transformers' Llama at 1 rank ZeRO-0 and 2 ranks ZeRO-3.
+SFT_STEPS = 6
+CHAT_CONVERSATIONS = 48
+
+
+def sft_runs(checkpoints: Path, ws: int) -> dict:
+    from chat_data import write_chat
+    from hf_families import write_all
+
+    ckpt = write_all(checkpoints, ("llama", "zero_lm_tied"))
+    chat = write_chat(checkpoints / "chat" / "train.jsonl", CHAT_CONVERSATIONS)
+    sft = [*BASE, f"train.max_steps={SFT_STEPS}", "data.format=chat", f"data.path={chat}", "data.chat_template=chatml",
+           "data.seq_len=256", "train.lr=1e-2", "train.warmup_steps=1", "train.save_every=3"]
+    tied, llama = f"model.pretrained={ckpt['zero_lm_tied']}", f"model.pretrained={ckpt['llama']}"
+    lora = [*sft, "lora.r=4", "lora.alpha=8"]
+    if ws == 1:
+        return {"sft_micro4": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=4"],
+                "sft_accum2": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=2", "train.grad_accum=2"],
+                "lora_zero0": [*lora, tied, "deepspeed.config=zero0", "train.micro_batch=4"],
+                "lora_llama_zero0": [*lora, llama, "deepspeed.config=zero0", "train.micro_batch=4"]}
+    two = [*lora, "train.micro_batch=2"]
+    return {"sft_zero0": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=2"],
+            "sft_zero3": [*sft, tied, "deepspeed.config=zero3", "train.micro_batch=2"],
+            "lora_zero2": [*two, tied, "deepspeed.config=zero2"],
+            "lora_offload_stopped": {"overrides": [*two, tied, "deepspeed.config=zero3_offload",
+                                                   "train.stop_at_step=3"], "dir": "lora_offload"},
+            "lora_offload": {"overrides": [*two, tied, "deepspeed.config=zero3_offload"], "resume": True},
+            "lora_llama_zero3": [*two, llama, "deepspeed.config=zero3"]}
 
 
 def _warm_data_cache(overrides: list[str]) -> None:

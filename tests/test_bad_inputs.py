@@ -176,6 +176,38 @@ def pretrained(t: Path, drop=None, add=None, config=None, int8=None, sharded=Fal
     return d
 
 
+CHAT_ROW = json.dumps({"messages": [{"role": "user", "content": "What is 1 + 2?"},
+                                    {"role": "assistant", "content": "1 + 2 = 3."}]})
+# renders the last turn unlike the earlier ones (as reasoning templates drop earlier thoughts)
+REWRITING_TEMPLATE = ("{%- for m in messages %}{%- if loop.last %}{{ m['role'] + ': ' + m['content'] + '.\\n' }}"
+                      "{%- else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endif %}{%- endfor %}"
+                      "{%- if add_generation_prompt %}{{ 'assistant: ' }}{%- endif %}")
+
+
+def chat(t: Path, bad, name: str = "c.jsonl", raw: str | None = None, template="chatml", seq_len: int = 256):
+    """Args for a chat run over a good row then `bad` (messages, or a whole row), with the shared test tokenizer."""
+    from hf_families import tokenizer
+
+    tokenizer(t / "inputs")
+    second = "" if bad is None else json.dumps({"messages": bad} if isinstance(bad, list) else bad) + "\n"
+    path = write(t / "inputs" / name, raw if raw is not None else CHAT_ROW + "\n" + second)
+    return [*D, "data.format=chat", f"data.path={path}", f"data.tokenizer={t / 'inputs' / 'shared-bpe-tokenizer'}",
+            f"data.seq_len={seq_len}", *([f"data.chat_template={template}"] if template else [])]
+
+
+def run_of(t: Path, lora: dict | None) -> Path:
+    """An output dir holding a complete checkpoint of a debug run, with or without LoRA."""
+    from zero_trainer.checkpoint import COMPLETE, STATE_FILE, model_shape
+    from zero_trainer.model import model_config
+
+    out = t / "out"
+    state = {"step": 2, "world_size": 1, "zero_stage": 2, "model_shape": model_shape(model_config("debug")),
+             "recipe": {"model": {"preset": "debug", "config": None, "pretrained": None}, "lora": lora}}
+    write(out / "checkpoints" / "step_00000002" / STATE_FILE, state)
+    write(out / "checkpoints" / "step_00000002" / COMPLETE, "step_00000002\n")
+    return out
+
+
 def pickled_only(t: Path) -> Path:
     d = pretrained(t)
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
@@ -381,6 +413,43 @@ CATALOG = {
                                             ["tokenizer vocab 3000 > model vocab_size 2048", "data.tokenizer"], False),
     "corpus too small for seq_len": (lambda t: [*D, data(t, "c.txt", TEXT), "--resume"],
                                      ["corpus too small", "data.seq_len"], True),
+    # chat data (data.format chat): each bad row names its file and line (or item)
+    "chat row with an unknown role": (lambda t: chat(t, [{"role": "user", "content": "hi"},
+                                                         {"role": "wizard", "content": "x"}]),
+                                      ['has role "wizard"', "c.jsonl:2"], False),
+    "chat row with an empty assistant turn": (lambda t: chat(t, [{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "  "}]),
+                                              ["assistant turn 1 is empty", "c.jsonl:2"], False),
+    "chat content that is not text": (lambda t: chat(t, [{"role": "user", "content": 5},
+                                                         {"role": "assistant", "content": "x"}]),
+                                      ["is int, not a string", "c.jsonl:2"], False),
+    "chat row with nothing to learn": (lambda t: chat(t, [{"role": "user", "content": "hi"}]),
+                                       ["no assistant turn", "c.jsonl:2"], False),
+    "chat row in no known format": (lambda t: chat(t, {"prompt": "hi", "completion": "there"}),
+                                    ['expected "messages"', "c.jsonl:2"], False),
+    "chat .json that is not an array": (lambda t: chat(t, None, name="c.json", raw='{"messages": []}'),
+                                        ["one array of conversations", "c.json:1"], False),
+    "chat template file missing": (lambda t: chat(t, None, template=str(t / "nope.jinja")),
+                                   ["chat template file not found", "data.chat_template"], False),
+    "chat template breaking the prefix property": (lambda t: chat(t, None, template=write(
+        t / "inputs" / "rewrites.jinja", REWRITING_TEMPLATE)), ["prefix property", "c.jsonl:1"], False),
+    "chat tokenizer without a chat_template": (lambda t: chat(t, None, template=None),
+                                               ["has no chat_template", "data.chat_template"], False),
+    "chat without a tokenizer": (lambda t: [*D, "data.format=chat", data(t, "c.jsonl", CHAT_ROW + "\n")],
+                                 ["needs the model's tokenizer", "data.tokenizer"], False),
+    "chat conversations longer than seq_len": (lambda t: chat(t, None, seq_len=8),
+                                               ["0 conversation(s) fit in data.seq_len 8", "1 longer"], False),
+    # LoRA
+    "lora rank negative": (lambda t: [*D, "lora.r=-4"], ["lora.r", "whole number >= 0"], False),
+    "lora target matching nothing": (lambda t: [*D, "lora.r=4", "lora.target_modules=[qkv]"],
+                                     ["['qkv'] match no linear layer", "lora.target_modules", "q_proj"], False),
+    "lora targets empty": (lambda t: [*D, "lora.r=4", "lora.target_modules=[]"], ["lora.target_modules"], False),
+    "lora with tensor parallelism": (lambda t: [*D, "--num-procs", "2", "parallel.tp=2", "lora.r=4"],
+                                     ["lora.r 4 with parallel.tp 2", "parallel.tp"], False),
+    "lora resume of a full fine-tune": (lambda t: [*D, "lora.r=4", "--resume", "--output-dir", run_of(t, lora=None)],
+                                        ["its run trained every weight", "LoRA r=4", "lora"], True),
+    "full fine-tune resume of a lora run": (lambda t: [*D, "--resume", "--output-dir", run_of(t, lora={
+        "r": 8, "target_modules": "all-linear"})], ["its run trained LoRA r=8", "every weight (no LoRA)"], True),
 }
 
 

@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "presets", "shipped"},
     {"recipe", "hardware", "ops", "metrics", "chat"},
     {"model", "data"},
-    {"ds_config", "moe", "pretrained"},
+    {"ds_config", "moe", "pretrained", "lora"},
     {"plan", "checkpoint"},
     {"parallelize"},
     {"resolve"},

@@ -11,6 +11,7 @@ Resuming at another world size or ZeRO stage goes through DeepSpeed's universal 
 automatically by rank 0 into checkpoints/universal/<tag>.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -128,6 +129,20 @@ def check_same_source(ckpt: Path, recipe: Recipe, pretrained: dict | None, flag:
     if saved_id != now_id:
         raise UsageError(f"cannot resume {ckpt.name}: its run started from {saved}, this recipe from {now}", flag,
                          "resume with the model the checkpoint was trained from, or start a new --output-dir")
+    saved_lora = _lora(state.get("recipe", {}).get("lora"))
+    now_lora = _lora(dataclasses.asdict(recipe.lora))
+    if saved_lora != now_lora:
+        raise UsageError(f"cannot resume {ckpt.name}: its run trained {saved_lora}, this recipe {now_lora} (the "
+                         "checkpoint holds other parameters)", "lora",
+                         "resume with the checkpoint's lora section, or start a new --output-dir")
+
+
+def _lora(section: dict | None) -> str:
+    """How a run's trainable parameters were made: every weight, or adapters of a given rank on given modules (alpha
+    and dropout scale them, so a resume may change those)."""
+    if not section or not section.get("r"):
+        return "every weight (no LoRA)"
+    return f"LoRA r={section['r']} on {section['target_modules']}"
 
 
 def _atomic_write(path: Path, text: str) -> None:

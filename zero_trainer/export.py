@@ -22,11 +22,13 @@ def add_subcommand(sub) -> None:
     p.add_argument("checkpoint_dir", help="OUTPUT_DIR/checkpoints (newest complete) or one step_* dir in it")
     p.add_argument("out_dir", help="the Hugging Face model directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: merge the adapters into the weights and write "
+                   "a plain Hugging Face model (default: the adapter, for PeftModel.from_pretrained)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    export(args.checkpoint_dir, args.out_dir, args.overwrite)
+    export(args.checkpoint_dir, args.out_dir, args.overwrite, merge=args.merge)
     return 0
 
 
@@ -104,7 +106,7 @@ def check_target(out: Path, overwrite: bool) -> None:
                          "choose an empty or new OUT_DIR, or pass --overwrite")
 
 
-def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
+def export(checkpoint_dir, out_dir, overwrite: bool = False, merge: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -114,31 +116,48 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
     out = Path(out_dir)
     check_target(out, overwrite)
     state = read_state(ckpt)
+    lora = state["recipe"].get("lora") or {}
+    lora = lora if lora.get("r", 0) > 0 else None
+    if merge and lora is None:
+        raise UsageError(f"--merge: checkpoint {ckpt} is not a LoRA run (its recipe's lora.r is 0)", "--merge",
+                         "drop --merge: the export is the whole model already")
+    source = state.get("pretrained") or {}
     config = hf_config(state["model_config"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    if lora is not None:  # the checkpoint holds peft's wrapped model: wrap the same way to read it
+        from .lora import ADAPTER_NAME, add_adapters
+
+        model = add_adapters(model, lora, seed=0, base_path=source.get("path"))
     if len(list(ckpt.glob("mp_rank_*_model_states.pt"))) > 1:
         weights = gather_tensor_parallel(ckpt, state["zero_stage"], {k: v.shape for k, v in model.state_dict().items()})
     else:
         weights = gather_state_dict(ckpt, state["zero_stage"])
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt} does not match {type(model).__name__}: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    adapter = lora is not None and not merge
+    if lora is not None and merge:
+        model = model.merge_and_unload()  # W + alpha/r · B·A, in fp32, then the source's dtype below
     # fp32 (the optimizer's master weights), or the dtype of the checkpoint a fine-tune started from: its export is
-    # the size the source was, and an unchanged weight comes back bit for bit
-    source = state.get("pretrained") or {}
-    if source.get("dtype"):
+    # the size the source was, and an unchanged weight comes back bit for bit. (An adapter stays fp32.)
+    if source.get("dtype") and not adapter:
         model.to(getattr(torch, source["dtype"]))
         model.config.dtype = getattr(torch, source["dtype"])
+    base = model.get_base_model() if adapter else model
 
     # Write next to the target and swap in at the end: a failure never leaves a half-written OUT_DIR.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True)  # an adapter: adapter_model.safetensors + config
+        if adapter and not source:  # a random-init base exists nowhere else: ship it beside the adapter
+            base.save_pretrained(staging / "base", safe_serialization=True)
+            model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(out.resolve() / "base")
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer", trust_remote_code=False)
         tokenizer.save_pretrained(staging)
         generation = Path(source.get("path") or "", "generation_config.json")
@@ -151,12 +170,14 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False) -> Path:
         record = {"source_checkpoint": str(ckpt.resolve()), "step": state["step"], "zero_stage": state["zero_stage"],
                   "world_size": state["world_size"], "ds_config_name": state["ds_config_name"],
                   "tensor_parallel": state["recipe"].get("parallel", {}).get("tp", 1),
-                  "architecture": type(model).__name__, "pretrained": source or None, "files_sha256": files}
+                  "architecture": type(base).__name__, "pretrained": source or None,
+                  "lora": None if lora is None else {**lora, "merged": merge}, "files_sha256": files}
         (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"exported {ckpt} (step {state['step']}) -> {out} as {type(model).__name__}")
+    what = "a LoRA adapter of " if adapter else "merged LoRA, " if lora else ""
+    print(f"exported {ckpt} (step {state['step']}) -> {out} as {what}{type(base).__name__}")
     return out

@@ -310,6 +310,7 @@ class Workload:
     sp: int = 1  # Ulysses degree: each rank holds seq_len / sp tokens
     tiled_mlp: bool = False
     tiled_loss: bool = False
+    trainable: int | None = None  # LoRA: the parameters that train (frozen ones have no grads or optimizer states)
 
     @property
     def weight_bytes(self) -> int:
@@ -655,14 +656,20 @@ class Candidate:
                 "fits": self.fits, "why": self.why, "device_split": dict(self.device), "sized": self.sized}
 
 
-def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str) -> tuple[dict, dict, int]:
+def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str,
+                 trainable: int | None = None) -> tuple[dict, dict, int]:
     """(device, cpu, nvme) bytes of parameters, gradients, optimizer and DeepSpeed buffers on one rank, at the peak.
 
     Gradients include the step's transient copies: DeepSpeed flattens the gradient partition (w bytes) and casts it
     to fp32 (4 bytes) right before the optimizer runs (stage_1_and_2.py step(), stage3.py
     _prepare_fp32_grad_for_sub_group); stage 0 in fp32 instead flattens all gradients into one all-reduce bucket.
+
+    trainable (LoRA): parameters that train; the rest are frozen weights, held (and at stage 3 partitioned) like the
+    others but without gradients, fp32 masters or optimizer states. None: every parameter trains.
     """
     P, N, z = shape.params, world_size, rung.zero
+    T = P if trainable is None else trainable
+    tpart = math.ceil(T / N)
     w = 4 if precision == "fp32" else 2
     mixed = w == 2
     part = math.ceil(P / N)
@@ -674,23 +681,24 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
     flat_cast = (w if mixed else 0) + 4  # bytes per element the step's flatten + fp32 cast allocate
     if rung.stage == 0:
         dev["params"] = w * P
-        dev["grads"] = w * P + (flat_cast * P if mixed else 4 * P)
-        dev["optimizer"] = (12 if mixed else 8) * P  # fp32 master + 2 moments; fp32: the weights are the master
+        dev["grads"] = w * T + (flat_cast * T if mixed else 4 * T)
+        dev["optimizer"] = (12 if mixed else 8) * T  # fp32 master + 2 moments; fp32: the weights are the master
         return dev, cpu, nvme
     if rung.stage in (1, 2):
         dev["params"] = w * P
         dev["buffers"] = bucket * (2 if overlap else 1)
         if rung.offload_optimizer == "none":
             # stage 1 keeps full-size gradients until the step, stage 2 only its partition
-            dev["grads"] = (w * P if rung.stage == 1 else w * part) + flat_cast * part
-            dev["optimizer"] = 12 * part
+            dev["grads"] = (w * T if rung.stage == 1 else w * tpart) + flat_cast * tpart
+            dev["optimizer"] = 12 * tpart
         else:
-            dev["buffers"] += w * shape.largest_param  # temp_grad_buffer_for_gpu_offload
-            cpu["params"] = w * part  # param_buffer_of_bit16_for_cpu_offload: the updated weights, pinned
+            largest = min(shape.largest_param, T)
+            dev["buffers"] += w * largest  # temp_grad_buffer_for_gpu_offload
+            cpu["params"] = w * tpart  # param_buffer_of_bit16_for_cpu_offload: the updated weights, pinned
             # the fp32 gradient partition the CPU optimizer reads, and as much again measured (OFFLOAD_EXTRA)
-            cpu["grads"] = (4 + OFFLOAD_EXTRA) * part
-            cpu["optimizer"] = 12 * part
-            cpu["buffers"] = w * shape.largest_param  # temp_grad_buffer_for_cpu_offload (pinned)
+            cpu["grads"] = (4 + OFFLOAD_EXTRA) * tpart
+            cpu["optimizer"] = 12 * tpart
+            cpu["buffers"] = w * largest  # temp_grad_buffer_for_cpu_offload (pinned)
         return dev, cpu, nvme
     # stage 3
     persistence = zero_knob(z, "stage3_param_persistence_threshold")
@@ -702,24 +710,24 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str)
     # in between (2× the layers after it): the last reuse/2 parameters of the forward stay whole, plus the layer
     # in use and the prefetch bucket, all capped by stage3_max_live_parameters (partitioned_param_coordinator.py).
     gathered = min(max_live, min(P, reuse // 2) + shape.layer_params + prefetch) * w
-    sub_group = largest_sub_group(partitions(shape, N), zero_knob(z, "sub_group_size"))
+    sub_group = min(largest_sub_group(partitions(shape, N), zero_knob(z, "sub_group_size")), tpart)
     dev["buffers"] = bucket * (2 if overlap else 1) + gathered + persistent * w
     if rung.offload_param == "none":
         dev["params"] = w * part
     elif rung.offload_param == "cpu":
         cpu["params"] = w * part
     if rung.offload_optimizer == "none":
-        dev["grads"] = w * part + flat_cast * sub_group  # flat gradient partition + one sub-group's fp32 copy
-        dev["optimizer"] = 12 * part
+        dev["grads"] = w * tpart + flat_cast * sub_group  # flat gradient partition + one sub-group's fp32 copy
+        dev["optimizer"] = 12 * tpart
     elif rung.offload_optimizer == "cpu":
         # grad_partitions_flat_buffer + the fp32 sub-group gradient buffers (+ OFFLOAD_EXTRA, measured)
-        cpu["grads"] = w * part + (4 + OFFLOAD_EXTRA) * part
-        cpu["optimizer"] = 12 * part
+        cpu["grads"] = w * tpart + (4 + OFFLOAD_EXTRA) * tpart
+        cpu["optimizer"] = 12 * tpart
     else:
-        cpu["grads"] = w * part + 4 * sub_group  # the fp32 gradients are swapped out with the optimizer
+        cpu["grads"] = w * tpart + 4 * sub_group  # the fp32 gradients are swapped out with the optimizer
         # optimizer swap buffers, plus the fp32 master of the sub-group being stepped (measured)
         cpu["buffers"] = (zero_knob(z, "offload_optimizer.buffer_count") + 1) * sub_group * 4
-        nvme += 16 * part  # fp32 master, momentum, variance, fp32 gradients
+        nvme += 16 * tpart  # fp32 master, momentum, variance, fp32 gradients
         if rung.offload_param == "nvme":
             cpu["params"] = min(zero_knob(z, "offload_param.max_in_cpu"), part) * w
             intra = _int((rung.ds.get("aio") or {}).get("intra_op_parallelism"), 1)
@@ -781,7 +789,7 @@ def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workl
 
 def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
     dev, cpu, nvme = model_states(tp_rank_shape(shape, workload.tp), rung, zero_ranks(hw, workload),
-                                  workload.precision)
+                                  workload.precision, workload.trainable)
     device = {k: dev[k] for k in ("params", "grads", "optimizer")}
     device["activations"] = activation_bytes(shape, workload, checkpointing)
     device["activations"] += moe_activation_bytes(shape, workload, checkpointing)
@@ -918,7 +926,17 @@ class Plan:
         knobs = ", ".join(f"{k.removeprefix('zero_optimization.')}={_short(v)}" for k, v in self.sized.items())
         return (f"plan: {self.reason}; predicted peak {_gib(self.predicted_peak_bytes)} a rank, "
                 f"{_gib(self.load_peak_bytes)} of host memory while the model loads"
-                + (f"; {self.parallel}" if self.parallel else "") + (f"; sized {knobs}" if knobs else ""))
+                + (f"; {self.parallel}" if self.parallel else "") + (f"; sized {knobs}" if knobs else "")
+                + (f"; {self.lora}" if self.lora else ""))
+
+    @property
+    def lora(self) -> str:
+        """How many parameters train, when LoRA freezes the rest ("" without LoRA)."""
+        t = self.workload.trainable
+        if t is None:
+            return ""
+        return (f"LoRA: {t:,} of {self.model.params:,} parameters train ({100 * t / self.model.params:.2f}%); the "
+                "frozen weights hold no gradients or optimizer states")
 
     def to_json(self) -> dict:
         hw = self.hardware
@@ -933,7 +951,7 @@ class Plan:
             "sequence_parallel_search": [{"sequence_parallel": sp, "fits": False, "reason": why}
                                          for sp, why in self.searched], "parallel_reason": self.parallel_reason,
             "predicted_peak_bytes": self.predicted_peak_bytes, "predicted_load_peak_bytes": self.load_peak_bytes,
-            "reason": self.reason,
+            "reason": self.reason, "trainable_params": self.workload.trainable,
             "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_mem_bytes": hw.gpu_mem,
                          "cpu_mem_bytes": hw.cpu_mem, "nvme_bytes": hw.nvme, "cpu_only": hw.cpu_only},
             "seq_len": self.workload.seq_len, "micro_batch": self.workload.micro_batch,
@@ -1053,7 +1071,8 @@ def _nothing_fits(candidates: list, by_name: dict, hw: Hardware) -> str:
 
 def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
                precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
-               tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False) -> Plan:
+               tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False,
+               trainable: int | None = None) -> Plan:
     """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input.
 
     tp, sp: fixed AutoTP / Ulysses degrees; sp=None searches: sp 1 first, then the smallest sp that fits
@@ -1071,7 +1090,7 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
     if micro_batch < 1:
         raise UsageError(f"micro batch {micro_batch} is invalid", where["micro_batch"], "use a whole number >= 1")
     workload = Workload(seq_len, micro_batch, precision, tp=tp, sp=sp or 1, tiled_mlp=tiled_mlp,
-                        tiled_loss=tiled_loss)
+                        tiled_loss=tiled_loss, trainable=trainable)
     check_layout(shape, hardware, workload, where)
     fixed = f"as given ({where['tp']}, {where['sp']})"
     if sp is not None or tp > 1:  # no search beside AutoTP: it takes the model-parallel groups Ulysses needs
@@ -1182,7 +1201,7 @@ def check_knobs(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload,
             raise UsageError(f"offload_optimizer.buffer_count {count} is too small: one sub-group swaps its master "
                              f"weights, {optimizer_states(rung.ds)} optimizer state(s) and its gradients at once",
                              where, f'set buffer_count >= {needed}, or "auto"')
-    dev, cpu, _ = model_states(shape, rung, N, workload.precision)
+    dev, cpu, _ = model_states(shape, rung, N, workload.precision, workload.trainable)
     locked = cpu["buffers"] if rung.uses_nvme else 0  # aio swap buffers are always page-locked
     pins = [(z.get(f"offload_{k}") or {}).get("pin_memory") is True for k in ("optimizer", "param")]
     if any(pins) and not hw.cpu_only:
@@ -1217,7 +1236,7 @@ def recipe_hardware(recipe: Recipe, world_size: int, nvme_probe: bool = False) -
 
 
 def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[str, dict] | None = None,
-                can_checkpoint: bool = True) -> Plan:
+                can_checkpoint: bool = True, trainable: int | None = None) -> Plan:
     """The plan a run follows: `.chosen` (its rung, sized), `.activation_checkpointing`, `.sized`.
 
     ds=None (deepspeed.config: auto): every rung of the ladder, the cheapest that fits. ds=(name, raw JSON): that
@@ -1243,9 +1262,10 @@ def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[s
         if ds is None:
             return plan_model(source, hw, data.seq_len, train.micro_batch, train.precision,
                               checkpointing=checkpointing, where=where, tp=par.tp,
-                              sp=None if par.sp == 1 else par.sp, **tiled)
+                              sp=None if par.sp == 1 else par.sp, trainable=trainable, **tiled)
         shape = model_shape(source, field_name)
-        workload = Workload(data.seq_len, train.micro_batch, train.precision, tp=par.tp, sp=par.sp, **tiled)
+        workload = Workload(data.seq_len, train.micro_batch, train.precision, tp=par.tp, sp=par.sp,
+                            trainable=trainable, **tiled)
         check_layout(shape, hw, workload, where)
         rung = sized_rung(ds[0], ds[1], shape, workload, hw, recipe)
         check_knobs(shape, rung, hw, workload, ds[0])

@@ -7,7 +7,7 @@ from pathlib import Path
 from .ds_config import for_hf_tools, load_ds_config, set_nvme_path
 from .errors import UsageError
 from .hardware import GiB, detect_hardware
-from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, experts_line, make_plan, plan_model, sized_rung
+from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, experts_line, make_plan, model_shape, plan_model, sized_rung
 from .recipe import PRECISIONS
 
 
@@ -31,6 +31,10 @@ def add_subcommand(sub) -> None:
                    "seq_len/N tokens. Default: 1, or the smallest degree that fits when nothing fits at 1 (sp search)")
     p.add_argument("--ep", type=int, default=1, help="a MoE's expert-parallel degree: experts per rank and all-to-all "
                    "buffers in the experts line (default 1)")
+    p.add_argument("--lora-r", type=int, default=0, metavar="R", help="plan a LoRA fine-tune of rank R (peft): the "
+                   "model's weights frozen, adapters trained (default 0: every weight trains)")
+    p.add_argument("--lora-targets", default="all-linear", metavar="NAMES", help="with --lora-r: comma-separated "
+                   "module names to adapt (default all-linear)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
                    "chosen rung (a ds_configs name or a path)")
@@ -45,13 +49,19 @@ def add_subcommand(sub) -> None:
 
 def cmd_plan(args) -> int:
     hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
-    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, tp=args.tp, sp=args.sp)
+    trainable = lora_trainable(args)
+    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, tp=args.tp, sp=args.sp,
+                      trainable=trainable)
     if args.plot:
         plot_plan(plan, args.plot)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         print(format_table(plan))
+        if trainable is not None:  # the same plan with every weight training: what LoRA changes
+            full = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, tp=args.tp, sp=args.sp)
+            verdict = full.reason if full.chosen else "nothing fits: " + full.reason
+            print(f"without LoRA (every weight training): {verdict}")
         if plan.model.experts:
             if args.ep < 1 or plan.model.experts % args.ep or plan.hardware.world_size % args.ep:
                 raise UsageError(f"--ep {args.ep} must divide the {plan.model.experts} experts and the "
@@ -65,6 +75,27 @@ def cmd_plan(args) -> int:
         flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
         raise UsageError(what, flag, plan.reason)
     return 0
+
+
+def lora_trainable(args) -> int | None:
+    """--lora-r/--lora-targets: the adapters' parameters on --model (None: no LoRA)."""
+    if args.lora_r < 0:
+        raise UsageError(f"--lora-r {args.lora_r} is negative", "--lora-r", "use a rank >= 1, or 0 for no LoRA")
+    if args.lora_r == 0:
+        return None
+    from .lora import trainable_params
+    from .model import model_config
+    from .recipe import LoraSection
+
+    model_shape(args.model)  # an unknown --model: the planner's own one line first
+    names = args.lora_targets.strip()
+    targets = names if names == "all-linear" else [n.strip() for n in names.split(",") if n.strip()]
+    try:
+        cfg = model_config(args.model)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--model {args.model}: {err}", "--model",
+                         "use a preset name or a local config.json") from None
+    return trainable_params(cfg, LoraSection(r=args.lora_r, target_modules=targets), "--lora-targets")
 
 
 def write_sized_config(plan: Plan, name: str | None, path: str, nvme_path: str | None = None, out=None) -> None:
@@ -106,7 +137,7 @@ def format_table(plan: Plan) -> str:
     gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
     tp, sp = plan.tensor_parallel, plan.sequence_parallel
     lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
-             f"{wl.precision}",
+             f"{wl.precision}", *([plan.lora] if plan.lora else []),
              f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
              f"tensor parallel {tp}, sequence parallel {sp}: {plan.parallel_reason}; ZeRO partitions over "
              f"{hw.world_size // tp} rank(s), data parallel {hw.world_size // (tp * sp)}"

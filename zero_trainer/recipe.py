@@ -119,6 +119,24 @@ class ParallelSection:
         return self.tp * self.sp
 
 
+_targets = ((str, list), lambda v: v == "all-linear" or (isinstance(v, list) and v != [] and all(
+    isinstance(n, str) and n.strip() for n in v)), "all-linear, or a list of module names such as [q_proj, v_proj]")
+
+
+@dataclass
+class LoraSection:
+    """LoRA through peft: the model's weights frozen, low-rank adapters on the target modules trained."""
+    r: int = _f(0, _nonneg_int, "the adapters' rank; 0: no LoRA, every weight trains")
+    alpha: float = _f(16, _pos_float, "scale: the update is alpha / r times B·A")
+    dropout: float = _f(0.0, ((int, float), lambda v: 0 <= v < 1, "a probability in [0, 1)"))
+    target_modules: list | str = _f("all-linear", _targets, "peft's target_modules: every linear layer but the "
+                                    "output head, or the names of the modules to adapt")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
 @dataclass
 class HardwareSection:
     """A memory budget in GiB, meaning what `zero-trainer plan --gpu-mem/--cpu-mem/--nvme` mean: the plan is made
@@ -135,6 +153,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     hardware: HardwareSection = field(default_factory=HardwareSection)
     output_dir: str = _f("runs/debug", ((str,), lambda v: v.strip() != "", "a directory path"))
     path: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from

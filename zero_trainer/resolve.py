@@ -32,6 +32,7 @@ from .ds_config import (
 )
 from .errors import UsageError
 from .hardware import filesystem_type, free_bytes, unwritable_reason
+from .lora import check as check_lora
 from .metrics import check_reporters
 from .model import model_config, param_sizes, supports_checkpointing
 from .parallelize import check_parallel
@@ -70,7 +71,9 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
                          "models cannot recompute activations (transformers: supports_gradient_checkpointing is "
                          "False)", "train.activation_checkpointing",
                          "set train.activation_checkpointing=false, or use a model type that supports it")
-    plan = plan_recipe(recipe, model_cfg, world_size, can_checkpoint=can_checkpoint) if auto else None
+    trainable = check_lora(recipe, model_cfg)  # the adapters' parameters (None: every weight trains)
+    plan = plan_recipe(recipe, model_cfg, world_size, can_checkpoint=can_checkpoint,
+                       trainable=trainable) if auto else None
     if plan is not None:  # auto may split the sequence (sp) or tile the loss/MLP to fit
         recipe = with_planned_parallel(recipe, plan)
     name = plan.chosen.name if plan else recipe.deepspeed.config
@@ -94,7 +97,8 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     source = check_pretrained(recipe, model_cfg)
     _check_nvme(recipe, raw, sum(sizes))
     if plan is None:  # a named JSON: its "auto" knobs sized, the whole judged against the hardware
-        plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint)
+        plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint,
+                           trainable=trainable)
     recipe = with_planned_parallel(recipe, plan)
     ds_config = resolve_auto_values(raw, recipe, world_size=dp, hidden_size=model_cfg.hidden_size,
                                     output_dir=recipe.output_dir, params=sum(sizes))

@@ -20,6 +20,18 @@ from .recipe import Recipe
 from .resolve import resolve
 
 
+def data_line(data, recipe: Recipe) -> str:
+    """What the run reads, printed at start: examples kept and left out, rows, packing, what is learned."""
+    d = data
+    rows = f"{len(d.train):,} train + {len(d.eval):,} eval rows of {recipe.data.seq_len}"
+    layout = "packed, each document attending only to itself" if recipe.data.packing else "one document a row, padded"
+    if recipe.data.format == "chat":
+        learned = "every token" if recipe.data.train_on_prompt else "assistant tokens only"
+        return (f"data: {d.examples:,} conversations ({d.dropped:,} left out: longer than data.seq_len "
+                f"{recipe.data.seq_len}), {d.num_tokens:,} tokens in {rows}, {layout}; loss on {learned}")
+    return f"data: {d.examples:,} documents, {d.num_tokens:,} tokens in {rows}, {layout}"
+
+
 def set_cpu_threads() -> None:
     """N ranks on C cores: give each rank C/N threads, else they oversubscribe and everything crawls."""
     import deepspeed
@@ -87,6 +99,7 @@ class Run:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             print(r.plan.line(), flush=True)
+            print(data_line(r.data, recipe), flush=True)
         universal_dir = None
         if r.universal:
             if self.rank == 0:
@@ -96,6 +109,16 @@ class Run:
             self.ds_config = load_universal_checkpoint(self.ds_config)
 
         model = self.load_model(r)
+        self.trainable = None
+        if recipe.lora.enabled:  # after the weights are in, before DeepSpeed: it sees only the adapters as trainable
+            from .lora import add_adapters, counts
+
+            model = add_adapters(model, recipe.lora, train.seed, base_path=(r.pretrained or {}).get("path"))
+            self.trainable = counts(model)[0]
+            if self.rank == 0:
+                print(f"lora: r={recipe.lora.r}, alpha={recipe.lora.alpha:g} on {recipe.lora.target_modules}: "
+                      f"{self.trainable:,} of {self.params:,} parameters train "
+                      f"({100 * self.trainable / self.params:.2f}%)", flush=True)
         if r.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.layout = parallelize.Layout.of(recipe, self.rank, self.world_size)
@@ -343,7 +366,9 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         "tokens_per_s": state["tokens"] / state["train_s"],
         "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
         "load_peak_bytes": run.max_over_ranks(run.load_peak), "load_s": run.load_s, "pretrained": run.pretrained,
-        "load_bytes_per_rank": run.per_rank(run.load_bytes),
+        "load_bytes_per_rank": run.per_rank(run.load_bytes), "trainable_params": run.trainable or run.params,
+        "data": {"format": recipe.data.format, "examples": run.data.examples, "dropped": run.data.dropped,
+                 "train_rows": len(run.data.train), "eval_rows": len(run.data.eval)},
         "wall_s": time.time() - t0, "losses": losses, "sample": sample,
         "resumed_from": str(run.resumed_from) if run.resumed_from else None, "recipe": run.recipe.to_dict(),
     }
