@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from chat_data import write_chat
-from conftest import SFT_STEPS, assert_losses_close, run_cli
+from conftest import SFT_STEPS, assert_losses_close
 
 from zero_trainer.data import DataError, chat_rows, next_token_targets, prepare_data
+from zero_trainer.errors import UsageError
 from zero_trainer.model import build_model, model_config, next_token_loss
 
 
@@ -172,11 +173,14 @@ def test_lora_exports_an_adapter_and_a_merged_model(key, engine_runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import zero_trainer.model  # noqa: F401  (registers model_type zero_lm with transformers' Auto classes)
+    from zero_trainer.export import export
 
     summary = engine_runs[key]
     ckpts = Path(summary["recipe"]["output_dir"]) / "checkpoints"
-    run_cli("export", ckpts, tmp_path / "adapter")
-    run_cli("export", ckpts, tmp_path / "merged", "--merge")
+    from zero_trainer.cli import main
+
+    export(ckpts, tmp_path / "adapter")
+    assert main(["export", str(ckpts), str(tmp_path / "merged"), "--merge"]) == 0  # the CLI, in this process
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert adapter and all(".lora_" in k for k in adapter)
     source = summary["pretrained"]["path"]
@@ -187,8 +191,11 @@ def test_lora_exports_an_adapter_and_a_merged_model(key, engine_runs, tmp_path):
     with torch.no_grad():
         want, got, before = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, plain(input_ids=ids).logits
     assert (got - want).abs().max() <= 1e-5 and (want - before).abs().max() > 1e-3
-    proc = run_cli("export", ckpts, tmp_path / "merged", "--merge", check=False)  # not empty: refused, kept
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr and (tmp_path / "merged" / "config.json").is_file()
+    with pytest.raises(UsageError, match="--overwrite"):  # not empty: refused, kept
+        export(ckpts, tmp_path / "merged", merge=True)
+    assert (tmp_path / "merged" / "config.json").is_file()
+    with pytest.raises(UsageError, match="not a LoRA run"):
+        export(Path(engine_runs["sft_zero3", 2]["recipe"]["output_dir"]) / "checkpoints", tmp_path / "x", merge=True)
 
 
 def test_plan_counts_frozen_weights_without_gradients_or_optimizer_states(capsys):

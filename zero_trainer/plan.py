@@ -919,7 +919,8 @@ class Plan:
                 "activation_checkpointing": self.activation_checkpointing,
                 "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss,
-                "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized}
+                "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized,
+                "trainable_params": self.workload.trainable}
 
     def line(self) -> str:
         """The plan in one line, printed when a run starts."""
