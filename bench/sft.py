@@ -3,12 +3,14 @@ with recipes/sft-minimind.yaml (full, and LoRA) — and whether the loss on assi
 
 No download: the pretraining corpus is the Python standard library's sources (the recipes' default), and the chat
 data is written here from the same sources (`write_chat`): for a function or class of the standard library, the user
-asks what it does and the assistant answers with its docstring's first paragraph; half the conversations go on to
-ask for its signature. The pretrained model has read those docstrings, so the fine-tune teaches it the format of an
-answer and where answers are, not the facts. 5% of the conversations are held out: the eval loss (assistant tokens
-of unseen conversations) is measured on the export before the fine-tune (one step at lr 0) and after.
+asks what it (or a method of a class) does and the assistant answers with its docstring's first paragraph; half the
+conversations about functions go on to ask for the signature. The pretrained model has read those docstrings, so
+the fine-tune teaches it the form of an answer and where answers are, not the facts. 5% of the conversations are
+held out: the eval loss (assistant tokens of unseen conversations) is measured on the export before the fine-tune
+(one step at lr 0) and after. 2 ranks, ZeRO-2, bf16, as the recipes say; the step counts and the SFT micro batch are
+the bench's (a CPU box).
 
-    python -m bench.sft [--pretrain-steps 300] [--sft-steps 120] [--dir DIR]   # writes bench/results/sft.json
+    python -m bench.sft [--pretrain-steps 150] [--sft-steps 60] [--dir DIR]   # writes bench/results/sft.json
     python -m bench.sft --write-chat FILE.jsonl                                  # only the chat data
 """
 
@@ -48,14 +50,17 @@ def conversations(limit: int | None = None) -> list[dict]:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except SyntaxError:
             continue
-        for node in tree.body:
-            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
-                continue
+        defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+        nodes = [(n, f"{module}.{n.name}") for n in defs]
+        nodes += [(sub, f"{module}.{n.name}.{sub.name}") for n in defs if isinstance(n, ast.ClassDef)
+                  for sub in n.body if isinstance(sub, ast.FunctionDef) and not sub.name.startswith("_")]
+        for node, qualname in nodes:
             answer = _doc_answer(ast.get_docstring(node) or "")
             if answer is None:
                 continue
-            kind = "class" if isinstance(node, ast.ClassDef) else "function"
-            messages = [{"role": "user", "content": f"What does the {kind} {module}.{node.name} do?"},
+            kind = "class" if isinstance(node, ast.ClassDef) else "method" if qualname.count(".") > \
+                module.count(".") + 1 else "function"
+            messages = [{"role": "user", "content": f"What does the {kind} {qualname} do?"},
                         {"role": "assistant", "content": answer}]
             if isinstance(node, ast.FunctionDef) and len(out) % 2:
                 messages += [{"role": "user", "content": "What is its signature?"},
@@ -84,8 +89,9 @@ def train(out: Path, args: list[str], num_procs: int = WORLD) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=120)
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--sft-micro-batch", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--dir", help="work directory (default: a temporary one, removed after)")
     p.add_argument("--write-chat", metavar="FILE", help="only write the chat data to FILE and stop")
@@ -106,7 +112,8 @@ def main() -> int:
     run_child([sys.executable, "-m", "zero_trainer", "export", work / "pretrain" / "checkpoints", base, "--overwrite"],
               cwd=REPO)
     chat = write_chat(work / "chat.jsonl")
-    sft = ["--recipe", "sft-minimind", f"model.pretrained={base}", f"data.path={chat}", "train.sample_tokens=0"]
+    sft = ["--recipe", "sft-minimind", f"model.pretrained={base}", f"data.path={chat}", "train.sample_tokens=0",
+           f"train.micro_batch={a.sft_micro_batch}", "train.eval_every=0", "train.save_every=0"]
     before = train(work / "before", [*sft, "train.lr=0", "train.max_steps=1"])  # the export's eval loss
     full = train(work / "sft", [*sft, f"train.max_steps={a.sft_steps}"])
     lora = train(work / "lora", [*sft, f"train.max_steps={a.sft_steps}", f"lora.r={a.lora_r}",
@@ -118,6 +125,7 @@ def main() -> int:
                 "tokens_per_s": s["tokens_per_s"], "wall_s": s["command_wall_s"],
                 "trainable_params": s["trainable_params"], "params": s["params"], "data": s["data"],
                 "ds_config": s["ds_config_name"], "precision": s["precision"], "losses": s["losses"],
+                "peak_mem_bytes": s["peak_mem_bytes"], "predicted_peak_bytes": s["plan"]["predicted_peak_bytes"],
                 "start_lines": s["start_lines"]}
 
     result = {"pretrain": {"steps": pretrain["steps"], "first_loss": pretrain["first_loss"],
@@ -125,7 +133,7 @@ def main() -> int:
                            "tokens_per_s": pretrain["tokens_per_s"], "wall_s": pretrain["command_wall_s"]},
               "sft": row(full), "lora": row(lora), "world_size": WORLD,
               "command": f"python -m bench.sft --pretrain-steps {a.pretrain_steps} --sft-steps {a.sft_steps} "
-                         f"--lora-r {a.lora_r}"}
+                         f"--sft-micro-batch {a.sft_micro_batch} --lora-r {a.lora_r}"}
     path = write_result("sft", result)
     for name in ("sft", "lora"):
         r = result[name]

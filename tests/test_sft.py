@@ -214,3 +214,19 @@ def test_plan_counts_frozen_weights_without_gradients_or_optimizer_states(capsys
     a, b = lora.candidates[0], full.candidates[0]  # zero0, no activation checkpointing
     assert a.device["params"] == b.device["params"] and a.device["optimizer"] == 12 * 39_976_960
     assert lora.chosen is not None and full.chosen is None
+
+
+def test_committed_sft_run_shows_the_loss_falling_on_assistant_tokens():
+    """bench/results/sft.json (`python -m bench.sft`): recipes/sft-minimind.yaml on a minimind-26m export, full and
+    LoRA: the loss on assistant tokens falls, and so does the held-out eval loss from the export's."""
+    import json
+
+    from bench.common import REPO
+
+    result = json.loads((REPO / "bench" / "results" / "sft.json").read_text())
+    for name in ("sft", "lora"):
+        r = result[name]
+        assert r["final_loss"] < r["first_loss"] - 0.5 and r["eval_loss"] < r["eval_loss_before"], (name, r)
+        assert r["data"]["format"] == "chat" and r["data"]["examples"] > 1000
+        assert any(line.startswith("data: ") and "conversations" in line for line in r["start_lines"])
+    assert result["lora"]["trainable_params"] < result["sft"]["trainable_params"] / 10
