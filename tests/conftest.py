@@ -209,9 +209,9 @@ def sft_runs(checkpoints: Path, ws: int) -> dict:
     ckpt = write_all(checkpoints, ("llama", "zero_lm_tied"))
     chat = write_chat(checkpoints / "chat" / "train.jsonl", CHAT_CONVERSATIONS)
     sft = [*BASE, f"train.max_steps={SFT_STEPS}", "data.format=chat", f"data.path={chat}", "data.chat_template=chatml",
-           "data.seq_len=256", "train.lr=1e-2", "train.warmup_steps=1", "train.save_every=3"]
+           "data.seq_len=256", "train.lr=1e-2", "train.warmup_steps=1"]
     tied, llama = f"model.pretrained={ckpt['zero_lm_tied']}", f"model.pretrained={ckpt['llama']}"
-    lora = [*sft, "lora.r=4", "lora.alpha=8"]
+    lora = [*sft, "lora.r=4", "lora.alpha=8", "train.save_every=3"]  # checkpoints: the base weights, the exports
     if ws == 1:
         return {"sft_micro4": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=4"],
                 "sft_accum2": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=2", "train.grad_accum=2"],
@@ -219,7 +219,7 @@ def sft_runs(checkpoints: Path, ws: int) -> dict:
                 "lora_llama_zero0": [*lora, llama, "deepspeed.config=zero0", "train.micro_batch=4"]}
     two = [*lora, "train.micro_batch=2"]
     return {"sft_zero0": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=2"],
-            "sft_zero3": [*sft, tied, "deepspeed.config=zero3", "train.micro_batch=2"],
+            "sft_zero3": [*sft, tied, "deepspeed.config=zero3", "train.micro_batch=2", f"train.save_every={SFT_STEPS}"],
             "lora_zero2": [*two, tied, "deepspeed.config=zero2"],
             "lora_offload_stopped": {"overrides": [*two, tied, "deepspeed.config=zero3_offload",
                                                    "train.stop_at_step=3"], "dir": "lora_offload"},

@@ -10,9 +10,11 @@ traceback or a stray line on stderr would show exactly as a user sees it.
 """
 
 import contextlib
+import functools
 import io
 import json
 import os
+import tempfile
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -186,13 +188,21 @@ REWRITING_TEMPLATE = ("{%- for m in messages %}{%- if loop.last %}{{ m['role'] +
 
 def chat(t: Path, bad, name: str = "c.jsonl", raw: str | None = None, template="chatml", seq_len: int = 256):
     """Args for a chat run over a good row then `bad` (messages, or a whole row), with the shared test tokenizer."""
-    from hf_families import tokenizer
-
-    tokenizer(t / "inputs")
     second = "" if bad is None else json.dumps({"messages": bad} if isinstance(bad, list) else bad) + "\n"
     path = write(t / "inputs" / name, raw if raw is not None else CHAT_ROW + "\n" + second)
-    return [*D, "data.format=chat", f"data.path={path}", f"data.tokenizer={t / 'inputs' / 'shared-bpe-tokenizer'}",
+    return [*D, "data.format=chat", f"data.path={path}", f"data.tokenizer={shared_tokenizer()}",
             f"data.seq_len={seq_len}", *([f"data.chat_template={template}"] if template else [])]
+
+
+@functools.lru_cache(maxsize=1)
+def shared_tokenizer() -> Path:
+    """The test tokenizer (tests/hf_families.py), trained once per process outside every case's directory: an input
+    the cases only read."""
+    from hf_families import tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="bad-inputs-tokenizer-"))
+    tokenizer(root)
+    return root / "shared-bpe-tokenizer"
 
 
 def run_of(t: Path, lora: dict | None) -> Path:
