@@ -197,7 +197,7 @@ def pretrained_runs(checkpoints: Path, ws: int) -> dict:
 # Supervised fine-tuning (tests/test_sft.py): the same chat conversations (tests/chat_data.py), 4 rows a step, from
 # the same pretrained weights. Full fine-tunes: 1 rank micro 4 and micro 2 x accumulation 2, 2 ranks at ZeRO-0 and
 # ZeRO-3. LoRA (r 4 on every linear layer): our tied model at 1 rank ZeRO-0 and 2 ranks ZeRO-2 and ZeRO-3 + CPU
-# offload (stopped at step 3 and resumed); transformers' Llama at 1 rank ZeRO-0 and 2 ranks ZeRO-3.
+# offload (stopped at step 3 and resumed); transformers' Llama at 1 rank ZeRO-0 and 2 ranks ZeRO-3; a random init's.
 SFT_STEPS = 6
 CHAT_CONVERSATIONS = 48
 
@@ -216,7 +216,9 @@ def sft_runs(checkpoints: Path, ws: int) -> dict:
         return {"sft_micro4": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=4"],
                 "sft_accum2": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=2", "train.grad_accum=2"],
                 "lora_zero0": [*lora, tied, "deepspeed.config=zero0", "train.micro_batch=4"],
-                "lora_llama_zero0": [*lora, llama, "deepspeed.config=zero0", "train.micro_batch=4"]}
+                "lora_llama_zero0": [*lora, llama, "deepspeed.config=zero0", "train.micro_batch=4"],
+                "lora_random": [*BASE, "train.max_steps=3", "train.save_every=3", "train.lr=1e-2",
+                                "train.warmup_steps=0", "lora.r=4", "deepspeed.config=zero0"]}
     two = [*lora, "train.micro_batch=2"]
     return {"sft_zero0": [*sft, tied, "deepspeed.config=zero0", "train.micro_batch=2"],
             "sft_zero3": [*sft, tied, "deepspeed.config=zero3", "train.micro_batch=2", f"train.save_every={SFT_STEPS}"],

@@ -164,10 +164,11 @@ def test_lora_agrees_across_rungs_and_keeps_the_base_weights(engine_runs):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("key", [("lora_offload", 2), ("lora_llama_zero3", 2)], ids=["ours-offload", "llama-zero3"])
+@pytest.mark.parametrize("key", [("lora_offload", 2), ("lora_llama_zero3", 2), ("lora_random", 1)],
+                         ids=["ours-offload", "llama-zero3", "random-init"])
 def test_lora_exports_an_adapter_and_a_merged_model(key, engine_runs, tmp_path):
-    """`zero-trainer export` of a LoRA run: an adapter PeftModel.from_pretrained loads on the source model;
-    `--merge`: a plain model whose logits are the PeftModel's."""
+    """`zero-trainer export` of a LoRA run: an adapter PeftModel.from_pretrained loads on the source model (a random
+    init's base is written beside it, in `base/`); `--merge`: a plain model whose logits are the PeftModel's."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -183,7 +184,8 @@ def test_lora_exports_an_adapter_and_a_merged_model(key, engine_runs, tmp_path):
     assert main(["export", str(ckpts), str(tmp_path / "merged"), "--merge"]) == 0  # the CLI, in this process
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert adapter and all(".lora_" in k for k in adapter)
-    source = summary["pretrained"]["path"]
+    source = summary["pretrained"]["path"] if summary["pretrained"] else tmp_path / "adapter" / "base"
+    assert summary["pretrained"] or not any(".lora_" in k for k in load_file(Path(source) / "model.safetensors"))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), tmp_path / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     plain = AutoModelForCausalLM.from_pretrained(source).eval()

@@ -153,11 +153,12 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False, merge: bool = False
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)  # an adapter: adapter_model.safetensors + config
-        if adapter and not source:  # a random-init base exists nowhere else: ship it beside the adapter
-            base.save_pretrained(staging / "base", safe_serialization=True)
+        shipped_base = adapter and not source  # a random-init base exists nowhere else: ship it beside the adapter
+        if shipped_base:
             model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(out.resolve() / "base")
-            model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True)  # an adapter: adapter_model.safetensors + config
+        if shipped_base:  # the base without peft's modules (unload: the frozen weights under their own names)
+            model.unload().save_pretrained(staging / "base", safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer", trust_remote_code=False)
         tokenizer.save_pretrained(staging)
         generation = Path(source.get("path") or "", "generation_config.json")

@@ -12,7 +12,7 @@ import torch
 
 from .recipe import LoraSection
 
-ADAPTER_NAME = "default"  # peft's: the infix in checkpoint keys (`lora_A.default.weight`)
+ADAPTER_NAME = "default"  # peft's adapter name: the infix in checkpoint keys (`lora_A.default.weight`)
 
 
 def peft_config(section: LoraSection | dict, base_path: str | None = None):
@@ -57,11 +57,6 @@ def counts(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-def adapter_state(weights: dict) -> dict:
-    """A checkpoint's adapter tensors, under the names peft saves them (`…lora_A.weight`, without the adapter's)."""
-    return {k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in weights.items() if ".lora_" in k}
 
 
 def check(recipe, model_cfg) -> int | None:

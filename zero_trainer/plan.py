@@ -710,7 +710,9 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str,
     # in between (2× the layers after it): the last reuse/2 parameters of the forward stay whole, plus the layer
     # in use and the prefetch bucket, all capped by stage3_max_live_parameters (partitioned_param_coordinator.py).
     gathered = min(max_live, min(P, reuse // 2) + shape.layer_params + prefetch) * w
-    sub_group = min(largest_sub_group(partitions(shape, N), zero_knob(z, "sub_group_size")), tpart)
+    sub_group = largest_sub_group(partitions(shape, N), zero_knob(z, "sub_group_size"))
+    if trainable is not None:  # LoRA: only the adapters' partition is stepped
+        sub_group = min(sub_group, tpart)
     dev["buffers"] = bucket * (2 if overlap else 1) + gathered + persistent * w
     if rung.offload_param == "none":
         dev["params"] = w * part
