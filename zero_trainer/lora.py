@@ -62,18 +62,25 @@ def counts(model: torch.nn.Module) -> tuple[int, int]:
 def check(recipe, model_cfg) -> int | None:
     """The recipe's LoRA, checked before anything launches: the combinations not supported, one line each, and the
     target modules matched on a meta-device build of the model. Returns the trainable parameters (None: no LoRA)."""
+    if not recipe.lora.enabled:
+        return None
+    check_parallel(recipe)
+    return trainable_params(model_cfg, recipe.lora, "lora.target_modules")
+
+
+def check_parallel(recipe) -> None:
+    """The parallel degrees LoRA does not combine with, one line each (also after `auto` chose an sp)."""
     from .errors import UsageError
 
     lora, par = recipe.lora, recipe.parallel
     if not lora.enabled:
-        return None
+        return
     for field, degree, why in (("parallel.tp", par.tp, "AutoTP shards nn.Linear layers, peft wraps them"),
                                ("parallel.ep", par.ep, "expert parallelism rebuilds the MoE blocks peft wrapped"),
                                ("parallel.sp", par.sp, "Ulysses with peft's wrapped attention is not tested here")):
         if degree > 1:
             raise UsageError(f"lora.r {lora.r} with {field} {degree}: {why}", field,
                              f"set {field}=1 (ZeRO shards a LoRA run's frozen weights at stage 3), or lora.r=0")
-    return trainable_params(model_cfg, lora, "lora.target_modules")
 
 
 def trainable_params(model_cfg, section: LoraSection, field: str) -> int:

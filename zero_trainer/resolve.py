@@ -33,6 +33,7 @@ from .ds_config import (
 from .errors import UsageError
 from .hardware import filesystem_type, free_bytes, unwritable_reason
 from .lora import check as check_lora
+from .lora import check_parallel as check_lora_parallel
 from .metrics import check_reporters
 from .model import model_config, param_sizes, supports_checkpointing
 from .parallelize import check_parallel
@@ -100,6 +101,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
         plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint,
                            trainable=trainable)
     recipe = with_planned_parallel(recipe, plan)
+    check_lora_parallel(recipe)  # auto may have chosen sequence parallelism
     ds_config = resolve_auto_values(raw, recipe, world_size=dp, hidden_size=model_cfg.hidden_size,
                                     output_dir=recipe.output_dir, params=sum(sizes))
     ds_config, _ = fill_sized(ds_config, plan.sized)
