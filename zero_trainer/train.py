@@ -172,5 +172,17 @@ def shut_down_process_group() -> None:
         dist.destroy_process_group()
 
 
+def exit_now(code: int) -> None:
+    """A rank's last act once everything is written and the process group is down: flush and leave without the
+    interpreter's teardown. Twice in CI a rank that had finished and written everything then aborted at exit
+    ("terminate called without an active exception": a native thread destroyed while still joinable, after
+    destroy_process_group too), and its launcher reported the whole run as failed. Files are closed by then (metrics,
+    reporters, summary, checkpoints); only the teardown is skipped. For `python -m zero_trainer.train` (and test
+    harnesses), never for main() called in-process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
