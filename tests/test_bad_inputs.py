@@ -207,12 +207,18 @@ def shared_tokenizer() -> Path:
 
 def run_of(t: Path, lora: dict | None) -> Path:
     """An output dir holding a complete checkpoint of a debug run, with or without LoRA."""
-    from zero_trainer.checkpoint import COMPLETE, STATE_FILE, model_shape
     from zero_trainer.model import model_config
 
+    return checkpointed_run(t, model_config("debug"), {"model": {"preset": "debug", "config": None,
+                                                                 "pretrained": None}, "lora": lora})
+
+
+def checkpointed_run(t: Path, cfg, recipe: dict) -> Path:
+    """t/out with a complete step-2 checkpoint (its state file only) of a run of `cfg`'s shape and `recipe`."""
+    from zero_trainer.checkpoint import COMPLETE, STATE_FILE, model_shape
+
     out = t / "out"
-    state = {"step": 2, "world_size": 1, "zero_stage": 2, "model_shape": model_shape(model_config("debug")),
-             "recipe": {"model": {"preset": "debug", "config": None, "pretrained": None}, "lora": lora}}
+    state = {"step": 2, "world_size": 1, "zero_stage": 2, "model_shape": model_shape(cfg), "recipe": recipe}
     write(out / "checkpoints" / "step_00000002" / STATE_FILE, state)
     write(out / "checkpoints" / "step_00000002" / COMPLETE, "step_00000002\n")
     return out
@@ -226,15 +232,10 @@ def pickled_only(t: Path) -> Path:
 
 def run_from_config(t: Path) -> Path:
     """An output dir holding a complete checkpoint of a run that started from a random init of the same shape."""
-    from zero_trainer.checkpoint import COMPLETE, STATE_FILE, model_shape
     from zero_trainer.model import model_config
 
-    out, cfg = t / "out", model_config(pretrained(t))
-    state = {"step": 2, "world_size": 1, "zero_stage": 2, "model_shape": model_shape(cfg),
-             "recipe": {"model": {"preset": None, "config": "elsewhere/config.json", "pretrained": None}}}
-    write(out / "checkpoints" / "step_00000002" / STATE_FILE, state)
-    write(out / "checkpoints" / "step_00000002" / COMPLETE, "step_00000002\n")
-    return out
+    return checkpointed_run(t, model_config(pretrained(t)),
+                            {"model": {"preset": None, "config": "elsewhere/config.json", "pretrained": None}})
 
 
 # id -> (args builder: tmp dir -> CLI args after `train`, substrings of the error line, pre-existing output dir).

@@ -15,10 +15,9 @@ from .recipe import LoraSection
 ADAPTER_NAME = "default"  # peft's adapter name: the infix in checkpoint keys (`lora_A.default.weight`)
 
 
-def peft_config(section: LoraSection | dict, base_path: str | None = None):
+def peft_config(s: LoraSection, base_path: str | None = None):
     from peft import LoraConfig
 
-    s = LoraSection(**section) if isinstance(section, dict) else section
     targets = s.target_modules if isinstance(s.target_modules, str) else list(s.target_modules)
     return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets, bias="none",
                       task_type="CAUSAL_LM", base_model_name_or_path=base_path)
@@ -26,18 +25,20 @@ def peft_config(section: LoraSection | dict, base_path: str | None = None):
 
 def add_adapters(model: torch.nn.Module, section: LoraSection | dict, seed: int, base_path: str | None = None):
     """The model wrapped by peft with fresh adapters (A: peft's kaiming init from `seed`, B: zeros, so the first
-    forward is the base model's); every other weight frozen. A target name that matches nothing is an error."""
+    forward is the base model's); every other weight frozen. `section`: the recipe's, or a checkpoint's saved dict.
+    A target name that matches nothing is an error."""
     import warnings
 
     from peft import get_peft_model
 
+    section = LoraSection(**section) if isinstance(section, dict) else section
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
             warnings.simplefilter("ignore", FutureWarning)
             return get_peft_model(model, peft_config(section, base_path))
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-        raise LoraError(f"target modules {section_targets(section)} match no linear layer of the model "
+        raise LoraError(f"target modules {section.target_modules} match no linear layer of the model "
                         f"({str(err).splitlines()[0][:120]})") from None
 
 
@@ -45,18 +46,9 @@ class LoraError(ValueError):
     pass
 
 
-def section_targets(section) -> object:
-    return section["target_modules"] if isinstance(section, dict) else section.target_modules
-
-
-def counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameters, counting ZeRO-3 partitioned ones by their full size (ds_numel)."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
+def trainable_count(model: torch.nn.Module) -> int:
+    """Parameters that train, counting ZeRO-3 partitioned ones by their full size (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def check(recipe, model_cfg) -> int | None:
@@ -96,7 +88,7 @@ def trainable_params(model_cfg, section: LoraSection, field: str) -> int:
     except LoraError as err:
         raise UsageError(str(err), field, "use all-linear, or names of the model's linear layers "
                          f"({', '.join(linear_names(model)[:8])})") from None
-    return counts(wrapped)[0]
+    return trainable_count(wrapped)
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:

@@ -20,9 +20,9 @@ from .recipe import Recipe
 from .resolve import resolve
 
 
-def data_line(data, recipe: Recipe) -> str:
-    """What the run reads, printed at start: examples kept and left out, rows, packing, what is learned."""
-    d = data
+def data_line(d, recipe: Recipe) -> str:
+    """What the run reads (data.PreparedData), printed at start: examples kept and left out, rows, packing, what is
+    learned."""
     rows = f"{len(d.train):,} train + {len(d.eval):,} eval rows of {recipe.data.seq_len}"
     layout = "packed, each document attending only to itself" if recipe.data.packing else "one document a row, padded"
     if recipe.data.format == "chat":
@@ -111,10 +111,10 @@ class Run:
         model = self.load_model(r)
         self.trainable = None
         if recipe.lora.enabled:  # after the weights are in, before DeepSpeed: it sees only the adapters as trainable
-            from .lora import add_adapters, counts
+            from .lora import add_adapters, trainable_count
 
             model = add_adapters(model, recipe.lora, train.seed, base_path=(r.pretrained or {}).get("path"))
-            self.trainable = counts(model)[0]
+            self.trainable = trainable_count(model)
             if self.rank == 0:
                 print(f"lora: r={recipe.lora.r}, alpha={recipe.lora.alpha:g} on {recipe.lora.target_modules}: "
                       f"{self.trainable:,} of {self.params:,} parameters train "
