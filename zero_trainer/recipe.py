@@ -104,19 +104,21 @@ class DeepSpeedSection:
 
 @dataclass
 class ParallelSection:
-    """Model parallelism inside the data-parallel ZeRO run: world size = dp x tp x sp. A TP or SP group sees one
-    batch; SP splits its sequence."""
+    """Model parallelism inside the data-parallel ZeRO run: world size = dp x tp x sp x pp. A TP, SP or pipeline
+    group sees one batch; SP splits its sequence, PP its layers."""
     tp: int = _f(1, _pos_int, "tensor parallel degree: DeepSpeed AutoTP shards attention and MLP projections")
     sp: int = _f(1, _pos_int, "sequence parallel degree: DeepSpeed Ulysses splits each sequence over sp ranks")
     tiled_mlp: bool = _f(False, _bool, "DeepSpeed's TiledMLP: the MLP runs over sequence tiles (long context)")
     tiled_loss: bool = _f(False, _bool, "the loss head runs over sequence tiles: no full logits tensor")
     ep: int = _f(1, _pos_int, "expert parallel degree (MoE models, ZeRO 1/2): deepspeed.moe splits the experts over "
                  "ep ranks; each data-parallel rank still reads its own batch")
+    pp: int = _f(1, _pos_int, "pipeline parallel degree: DeepSpeed's pipeline engine runs the decoder layers as pp "
+                 "stages, each micro-batch flowing through them (ZeRO 0/1; zero_trainer's own dense model)")
 
     @property
     def model_parallel(self) -> int:
         """Ranks that share one batch: world size / model_parallel = data-parallel degree."""
-        return self.tp * self.sp
+        return self.tp * self.sp * self.pp
 
 
 _targets = ((str, list), lambda v: v == "all-linear" or (isinstance(v, list) and v != [] and all(
