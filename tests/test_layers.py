@@ -14,7 +14,7 @@ LAYERS = [
     {"model", "data"},
     {"ds_config", "moe", "pretrained", "lora"},
     {"plan", "checkpoint"},
-    {"parallelize"},
+    {"parallelize", "pipeline"},
     {"resolve"},
     {"trainer", "export"},
     {"train", "launch", "plan_report", "report", "doctor"},

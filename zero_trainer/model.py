@@ -227,6 +227,26 @@ class SparseMoeBlock(nn.Module):
         return self.experts(flat, weights, experts).view_as(x)
 
 
+def attention_bias(position_ids, attention_mask, dtype):
+    """The additive attention mask for positions [B, T] (restarting where a packed document starts) and an optional
+    padding mask, or None when plain causal attention is right (SDPA's is_causal fast path).
+
+    causal AND (same document) AND (real key); a pad query with no real key would softmax to NaN, so it sees itself.
+    Additive, in the activations' dtype: attention saves this one tensor for backward in every layer, where a boolean
+    mask would be converted (and saved) again in each."""
+    T, device = position_ids.shape[-1], position_ids.device
+    documents = find_packed_sequence_indices(position_ids)  # positions restarting: several documents a row
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if documents is None and not padded:
+        return None
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+    if documents is not None:
+        mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
+    if padded:
+        mask = (mask & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 class DecoderLayer(GradientCheckpointingLayer):
     # GradientCheckpointingLayer wraps forward in torch.utils.checkpoint once activation checkpointing is enabled
     def __init__(self, cfg: ZeroLMConfig):
@@ -282,21 +302,7 @@ class ZeroLMForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
-        mask = None  # None -> SDPA's is_causal fast path
-        documents = find_packed_sequence_indices(position_ids)  # positions restarting: several documents a row
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if documents is not None or padded:
-            # causal AND (same document) AND (real key); a pad query with no real key would softmax to NaN, so it
-            # sees itself. Built once a forward and shared by every layer.
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
-            if documents is not None:
-                mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
-            if padded:
-                mask = (mask & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool,
-                                                                                      device=x.device)
-            # additive, in the activations' dtype: attention saves this one tensor for backward in every layer,
-            # where a boolean mask would be converted (and saved) again in each
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+        mask = attention_bias(position_ids, attention_mask, x.dtype)  # built once a forward, shared by every layer
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, position_ids)
         x = self.model.norm(x)

@@ -39,7 +39,10 @@ class Layout:
     @classmethod
     def of(cls, recipe, rank: int, world_size: int) -> "Layout":
         p = recipe.parallel
-        return cls(p.tp, p.sp, world_size // p.model_parallel, rank // p.model_parallel, rank % p.sp)
+        dp = world_size // p.model_parallel
+        if p.pp > 1:  # PipeDataParallelTopology: ranks [0, dp) are stage 0, so consecutive ranks differ in batch
+            return cls(1, 1, dp, rank % dp, 0)
+        return cls(p.tp, p.sp, dp, rank // p.model_parallel, rank % p.sp)
 
 
 WHOLE = Layout(tp=1, sp=1, dp=1, dp_rank=0, sp_rank=0)  # whole sequences (eval: Ulysses steps aside)
@@ -51,8 +54,9 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
     heads = getattr(model_cfg, "num_attention_heads", None)
     kv_heads = getattr(model_cfg, "num_key_value_heads", None) or heads
     if world_size % p.model_parallel:
-        raise UsageError(f"parallel.tp {p.tp} x parallel.sp {p.sp} = {p.model_parallel} does not divide the world "
-                         f"size {world_size}", "parallel.tp" if p.tp > 1 else "parallel.sp",
+        degrees = " x ".join(f"parallel.{k} {getattr(p, k)}" for k in ("tp", "sp", "pp") if getattr(p, k) > 1)
+        field = next(f"parallel.{k}" for k in ("tp", "sp", "pp") if getattr(p, k) > 1)
+        raise UsageError(f"{degrees} = {p.model_parallel} does not divide the world size {world_size}", field,
                          f"launch a multiple of {p.model_parallel} ranks, or lower the degrees")
     if p.tp > 1 and p.sp > 1:
         raise UsageError("parallel.tp and parallel.sp together: AutoTP replaces the engine's model-parallel groups, "

@@ -37,6 +37,7 @@ from .lora import check_parallel as check_lora_parallel
 from .metrics import check_reporters
 from .model import model_config, param_sizes, supports_checkpointing
 from .parallelize import check_parallel
+from .pipeline import check_pipeline
 from .plan import Plan, plan_recipe
 from .recipe import Recipe
 
@@ -108,6 +109,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     ds_config = with_model_parallel(ds_config, recipe.parallel.tp, recipe.parallel.sp,
                                     llama_names=model_cfg.model_type in ("zero_lm", "llama"))
     ds_config = check_experts(recipe, model_cfg, world_size, ds_config)
+    check_pipeline(recipe, model_cfg, world_size, ds_config)
     data = load_data(recipe, model_cfg.vocab_size)
     resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
     universal = False

@@ -103,7 +103,9 @@ class Run:
         universal_dir = None
         if r.universal:
             if self.rank == 0:
-                checkpoint.to_universal(r.resume_from)
+                from .pipeline import alias_universal
+
+                alias_universal(checkpoint.to_universal(r.resume_from), self.model_cfg)  # pipeline names or not
             dist.barrier()
             universal_dir = r.resume_from.parent / "universal" / r.resume_from.name
             self.ds_config = load_universal_checkpoint(self.ds_config)
@@ -119,7 +121,12 @@ class Run:
                 print(f"lora: r={recipe.lora.r}, alpha={recipe.lora.alpha:g} on {recipe.lora.target_modules}: "
                       f"{self.trainable:,} of {self.params:,} parameters train "
                       f"({100 * self.trainable / self.params:.2f}%)", flush=True)
-        if r.activation_checkpointing:
+        self.pipeline = recipe.parallel.pp > 1
+        if self.pipeline:  # the stages adopt the built model's weights; each layer checkpoints itself
+            from .pipeline import pipeline_model
+
+            model = pipeline_model(model, recipe.parallel.pp, r.activation_checkpointing)
+        elif r.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.layout = parallelize.Layout.of(recipe, self.rank, self.world_size)
         self.mpu = parallelize.apply(model, recipe, train.micro_batch)  # SP groups and attention, tiling
@@ -252,6 +259,9 @@ def train_step(run: Run) -> float:
     engine, losses = run.engine, []
     batches = [run.next_batch() for _ in range(run.recipe.train.grad_accum)]  # whole sequences, this dp rank's
     items = run.items_per_micro_batch(batches)
+    if run.pipeline:  # DeepSpeed's 1F1B schedule runs every micro-batch; the loss is the data-parallel mean
+        micro = iter([((ids, positions), (targets, items)) for ids, positions, targets in batches])
+        return float(engine.train_batch(micro))
     for batch in batches:
         ids, positions, targets = parallelize.sequence_slice(batch, run.layout)
         loss = next_token_loss(engine, ids, targets, positions, items).loss
@@ -267,6 +277,8 @@ def evaluate(run: Run) -> float:
     reads its own rows, every rank runs the same forwards (whole sequences: Ulysses steps aside in eval mode)."""
     train, layout = run.recipe.train, run.layout
     weighted = count = 0.0
+    if run.pipeline:
+        return evaluate_pipeline(run)
     run.engine.eval()
     for b in range(train.eval_batches):
         ids, positions, targets = run.batch("eval", eval_indices(b, train.micro_batch, layout.dp_rank, layout.dp,
@@ -276,6 +288,23 @@ def evaluate(run: Run) -> float:
         count += n
     run.engine.train()
     weighted, count = run.reduce_over_ranks([weighted, count])
+    return weighted / max(count, 1.0)
+
+
+def evaluate_pipeline(run: Run) -> float:
+    """evaluate() through the pipeline (eval_batch, one micro-batch at a time; it averages over data-parallel
+    ranks): each batch's loss divided by its targets over all dp ranks / dp, so that mean is the loss per target."""
+    train, layout = run.recipe.train, run.layout
+    weighted = count = 0.0
+    for b in range(train.eval_batches):
+        ids, positions, targets = run.batch("eval", eval_indices(b, train.micro_batch, layout.dp_rank, layout.dp,
+                                                                 len(run.data.eval)))
+        n = run.reduce_over_ranks([float((targets != -100).sum())])[0] / run.recipe.parallel.model_parallel
+        if not n:
+            continue
+        items = torch.tensor(n / layout.dp, dtype=torch.float32, device=run.device)
+        loss = run.engine.eval_batch(iter([((ids, positions), (targets, items))]), num_micro_batches=1)
+        weighted, count = weighted + n * float(loss), count + n
     return weighted / max(count, 1.0)
 
 
@@ -350,7 +379,8 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     if log is not None:
         log.eval(state["step"], eval_loss)
         log.close()
-    sample = sample_text(run, train.sample_tokens) if train.sample_tokens else ""
+    # the pipeline engine runs fixed shapes: no generation of a growing prompt through it
+    sample = sample_text(run, train.sample_tokens) if train.sample_tokens and not run.pipeline else ""
     peak = run.max_over_ranks(metrics.peak_memory_bytes())
     parallelize.restore_attention(run.mpu, run.engine.module)
     losses = state["losses"]
@@ -360,6 +390,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         "ds_config": run.ds_config, "precision": train.precision, "zero_stage": run.zero_stage,
         "activation_checkpointing": run.resolved.activation_checkpointing, "plan": run.resolved.plan.summary(),
         "tensor_parallel": run.layout.tp, "sequence_parallel": run.layout.sp,
+        "pipeline_parallel": recipe.parallel.pp,
         "model": recipe.model_source, "steps": len(losses), "tokens": state["tokens"],
         "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
