@@ -4,7 +4,8 @@ Weights are gathered by DeepSpeed's own zero_to_fp32 (stages 1-3: the fp32 maste
 read from the module state DeepSpeed saved (stage 0, where nothing is partitioned). The result loads in
 vanilla transformers as LlamaForCausalLM (MixtralForCausalLM for a MoE), with no trust_remote_code.
 An expert-parallel checkpoint is read from the module states DeepSpeed saved (moe.mixtral_state_dict); a
-tensor-parallel one rank by rank, its shards concatenated (gather_tensor_parallel).
+tensor-parallel one rank by rank, its shards concatenated (gather_tensor_parallel); a pipeline-parallel one from its
+per-layer files or, at stage 1, its universal conversion (gather_pipeline).
 """
 
 import hashlib
@@ -45,6 +46,41 @@ def gather_state_dict(ckpt: Path, zero_stage: int) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def gather_pipeline(ckpt: Path, zero_stage: int, model_config: dict) -> dict:
+    """A pipeline-parallel checkpoint's weights under the HF model's names: at stage 0 the layer files DeepSpeed saves
+    per pipeline layer (layer_XX-model_states.pt, no partitions), at stage 1 the fp32 masters through DeepSpeed's
+    universal conversion (zero_to_fp32 cannot read pipeline checkpoints), into a temporary folder."""
+    import re
+    import subprocess
+    import sys
+
+    import torch
+
+    from .pipeline import to_hf_name
+
+    layers, tied = model_config["num_hidden_layers"], model_config.get("tie_word_embeddings", True)
+    weights = {}
+    if zero_stage == 0:
+        for path in sorted(ckpt.glob("layer_*-model_states.pt")):
+            index = int(re.match(r"layer_(\d+)", path.name).group(1))
+            for name, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
+                hf = "model.embed_tokens.weight" if index == 0 else to_hf_name(f"{index}.{name}", layers, tied)
+                weights[hf] = tensor.float()
+        return weights
+    with tempfile.TemporaryDirectory(prefix="zero_trainer_export_") as tmp:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"ds_to_universal failed on {ckpt}: {tail[0]}")
+        for folder in sorted(Path(tmp, "zero").iterdir()):
+            if (folder / "fp32.pt").is_file():
+                hp = torch.load(folder / "fp32.pt", map_location="cpu", weights_only=False)
+                weights[to_hf_name(folder.name, layers, tied)] = hp["param"]
+    return weights
 
 
 def gather_tensor_parallel(ckpt: Path, zero_stage: int, full_shapes: dict) -> dict:
@@ -129,7 +165,9 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False, merge: bool = False
         from .lora import ADAPTER_NAME, add_adapters
 
         model = add_adapters(model, lora, seed=0, base_path=source.get("path"))
-    if len(list(ckpt.glob("mp_rank_*_model_states.pt"))) > 1:
+    if state["recipe"].get("parallel", {}).get("pp", 1) > 1:
+        weights = gather_pipeline(ckpt, state["zero_stage"], state["model_config"])
+    elif len(list(ckpt.glob("mp_rank_*_model_states.pt"))) > 1:
         weights = gather_tensor_parallel(ckpt, state["zero_stage"], {k: v.shape for k, v in model.state_dict().items()})
     else:
         weights = gather_state_dict(ckpt, state["zero_stage"])
@@ -171,6 +209,7 @@ def export(checkpoint_dir, out_dir, overwrite: bool = False, merge: bool = False
         record = {"source_checkpoint": str(ckpt.resolve()), "step": state["step"], "zero_stage": state["zero_stage"],
                   "world_size": state["world_size"], "ds_config_name": state["ds_config_name"],
                   "tensor_parallel": state["recipe"].get("parallel", {}).get("tp", 1),
+                  "pipeline_parallel": state["recipe"].get("parallel", {}).get("pp", 1),
                   "architecture": type(base).__name__, "pretrained": source or None,
                   "lora": None if lora is None else {**lora, "merged": merge}, "files_sha256": files}
         (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
