@@ -261,14 +261,15 @@ def fork_run(summary: dict, step: int, out: Path) -> Path:
 def launch_ranks(out: Path, ds_config: str | None, num_procs: int, steps: int = STEPS, resume: bool = False,
                  overrides=(), recipe: str = "recipes/debug.yaml", launcher: str = "torchrun",
                  launcher_args=()) -> dict | None:
-    """The ranks through a real launcher, without zero-trainer's preflight: they resolve, check and train by
-    themselves. launcher: "torchrun" (the lightest: ~6 s a launch less than DeepSpeed's two launcher processes),
-    "deepspeed" (`deepspeed --num_gpus N --module zero_trainer.train`), or
-    "two_nodes" (two `deepspeed --hostfile H --no_ssh --node_rank K` launchers on this machine, one rank each),
+    """The ranks through a real launcher, without zero-trainer's preflight (two_nodes aside): they resolve, check and
+    train by themselves. launcher: "torchrun" (the lightest: ~6 s a launch less than DeepSpeed's two launcher
+    processes), "deepspeed" (`deepspeed --num_gpus N --module zero_trainer.train`), or
+    "two_nodes" (two `zero-trainer train --hostfile H --no-ssh --node-rank K --master-addr 127.0.0.1` on this
+    machine, one rank each: the preflight, then DeepSpeed's runner),
     "accelerate" (`accelerate launch [launcher_args] --num_processes N -m zero_trainer.train`; add --multi_gpu for
     more than one process) or "none" (`python -m zero_trainer.train`, one rank). ds_config None: no --ds-config.
-    Returns summary.json, or None when the run stopped early. No launcher sweeps /dev/shm afterwards, so this also
-    checks every rank released its DeepSpeed shm all-reduce workspace itself."""
+    Returns summary.json, or None when the run stopped early. No launcher but zero-trainer (two_nodes) sweeps
+    /dev/shm afterwards, so this also checks every rank released its DeepSpeed shm all-reduce workspace itself."""
     port = free_port()
     rank_args = ["--recipe", recipe, *(["--ds-config", ds_config] if ds_config else []), "--output-dir", str(out),
                  *(["--resume"] if resume else []), *BASE, f"train.max_steps={steps}", *overrides]
@@ -276,12 +277,12 @@ def launch_ranks(out: Path, ds_config: str | None, num_procs: int, steps: int = 
     if launcher == "torchrun":
         cmds = [[str(BIN / "torchrun"), "--nproc-per-node", str(num_procs), "--master-port", str(port),
                  "-m", "zero_trainer.train", *rank_args]]
-    elif launcher == "two_nodes":
+    elif launcher == "two_nodes":  # each node through zero-trainer's preflight, then DeepSpeed's runner
         assert num_procs == 2
         hostfile = out.parent / f"{out.name}.hostfile"
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-        cmds = [[*deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr",
-                 "127.0.0.1", "--module", "zero_trainer.train", *rank_args] for k in (0, 1)]
+        cmds = [[sys.executable, "-m", "zero_trainer", "train", "--hostfile", str(hostfile), "--no-ssh", "--node-rank",
+                 str(k), "--master-addr", "127.0.0.1", "--master-port", str(port), *rank_args] for k in (0, 1)]
     elif launcher == "accelerate":
         cmds = [[str(BIN / "accelerate"), "launch", *launcher_args, "--num_processes", str(num_procs),
                  "--main_process_port", str(port), "-m", "zero_trainer.train", *rank_args]]

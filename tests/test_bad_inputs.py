@@ -86,6 +86,13 @@ def nvme_too_small(t: Path) -> list:
     return ["--ds-config", "zero3_nvme", "--nvme-path", t / "nvme", "model.preset=70b"]
 
 
+def hosts(t: Path, text: str = "node0 slots=1\nnode1 slots=1\n") -> Path:
+    return write(t / "inputs" / "hosts", text)
+
+
+BY_HAND = ["--no-ssh", "--master-addr", "127.0.0.1", "--master-port", "29500"]  # a hostfile's node started by hand
+
+
 TEXT = "The quick brown fox jumps over the lazy dog.\n\nPack my box with five dozen liquor jugs.\n"
 D = ["--recipe", "debug"]
 
@@ -247,6 +254,35 @@ CATALOG = {
     "--num-procs not a number": (lambda t: [*D, "--num-procs", "two"], ["--num-procs", "invalid int"], False),
     "--num-procs 0": (lambda t: [*D, "--num-procs", "0"], ["--num-procs 0 is invalid"], False),
     "override not KEY=VALUE": (lambda t: [*D, "train.max_steps"], ["KEY=VALUE", "command line"], False),
+    # multi-node: --hostfile and DeepSpeed's runner flags
+    "hostfile missing": (lambda t: [*D, "--hostfile", t / "nope"], ["hostfile", "nope not found", "--hostfile"],
+                         False),
+    "hostfile a directory": (lambda t: [*D, "--hostfile", t], ["cannot be read", "--hostfile"], False),
+    "hostfile line without slots": (lambda t: [*D, "--hostfile", hosts(t, "node0 slots=1\nnode1 slots=two\n")],
+                                    ["hosts:2 'node1 slots=two' is not 'hostname slots=N'", "--hostfile"], False),
+    "hostfile host twice": (lambda t: [*D, "--hostfile", hosts(t, "node0 slots=1\nnode0 slots=1\n")],
+                            ["hosts:2 names host node0 twice"], False),
+    "hostfile slots 0": (lambda t: [*D, "--hostfile", hosts(t, "node0 slots=0\n")], ["node0 slots=0", "slots >= 1"],
+                         False),
+    "hostfile only comments": (lambda t: [*D, "--hostfile", hosts(t, "# none yet\n\n")], ["names no host"], False),
+    "hostfile with unequal slots": (lambda t: [*D, "--hostfile", hosts(t, "a slots=2\nb slots=1\n")],
+                                    ["different slots (a slots=2, b slots=1)", "same slots=N"], False),
+    "--num-procs with --hostfile": (lambda t: [*D, "--num-procs", "2", "--hostfile", hosts(t)],
+                                    ["--num-procs and --hostfile", "slots=N"], False),
+    "--node-rank outside the hostfile": (lambda t: [*D, *BY_HAND, "--hostfile", hosts(t), "--node-rank", "2"],
+                                         ["--node-rank 2 is not a host", "(2 hosts)", "use 0 to 1"], False),
+    "--no-ssh without --node-rank": (lambda t: [*D, "--hostfile", hosts(t), "--no-ssh", "--master-port", "29500"],
+                                     ["--no-ssh needs --node-rank, --master-addr", "(--node-rank)"], False),
+    "--no-ssh without --master-port": (lambda t: [*D, *BY_HAND[:-2], "--hostfile", hosts(t), "--node-rank", "0"],
+                                       ["--no-ssh needs --master-port", "same --master-addr"], False),
+    "--node-rank without --no-ssh": (lambda t: [*D, "--hostfile", hosts(t), "--node-rank", "0"],
+                                     ["--node-rank only applies with --no-ssh"], False),
+    "--launcher with --no-ssh": (lambda t: [*D, *BY_HAND, "--hostfile", hosts(t), "--node-rank", "0", "--launcher",
+                                            "pdsh"], ["--launcher pdsh is unused with --no-ssh"], False),
+    "unknown launcher": (lambda t: [*D, "--hostfile", hosts(t), "--launcher", "pdhs"],
+                         ["unknown launcher 'pdhs'", "did you mean 'pdsh'?"], False),
+    "--master-addr without --hostfile": (lambda t: [*D, "--master-addr", "10.0.0.1"],
+                                         ["--master-addr needs --hostfile"], False),
     # the recipe
     "recipe file missing": (lambda t: ["--recipe", "recipes/nope.yaml"], ["recipe file", "--recipe"], False),
     "recipe YAML syntax": (lambda t: ["--recipe", recipe_file(t, "model:\n  preset: [debug\n")],

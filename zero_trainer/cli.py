@@ -4,6 +4,7 @@
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -13,13 +14,18 @@ from .errors import UsageError
 
 def cmd_train(args) -> int:
     from .hardware import local_gpus
-    from .launch import launch
+    from .launch import launch, multi_node
     from .ops import clear_stale_locks
     from .resolve import resolve
     from .train import recipe_from_args
 
-    recipe = recipe_from_args(args)  # cheap first: most bad input is caught before torch is imported
-    resolve(recipe, world_size=args.num_procs or local_gpus()[0] or 1, resume=args.resume)
+    nodes = multi_node(args)  # cheap first: most bad input is caught before torch is imported
+    recipe = recipe_from_args(args)
+    if nodes is None:
+        resolve(recipe, world_size=args.num_procs or local_gpus()[0] or 1, resume=args.resume)
+    else:  # plan the hostfile's nodes: the ranks learn their node's size from the launcher's LOCAL_SIZE
+        with ranks_per_node(nodes.ranks_per_node):
+            resolve(recipe, world_size=nodes.world_size, resume=args.resume)
     clear_stale_locks()
     os.environ["ZERO_TRAINER_PREFLIGHT"] = "1"  # the ranks resolve again: warnings were printed here already
     rank_args = ["--recipe", str(Path(recipe.path).resolve())]
@@ -27,16 +33,42 @@ def cmd_train(args) -> int:
         if getattr(args, flag) is not None:
             rank_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     rank_args += (["--resume"] if args.resume else []) + list(args.overrides)
-    return launch(args.num_procs, args.master_port, rank_args)
+    return launch(args.num_procs, args.master_port, rank_args, nodes)
+
+
+@contextlib.contextmanager
+def ranks_per_node(count: int):
+    """LOCAL_WORLD_SIZE as a rank on one of the hostfile's nodes has it (hardware.local_world_size), while the
+    preflight plans: so it plans the same nodes × ranks as the ranks will."""
+    before = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = str(count)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOCAL_WORLD_SIZE"]
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = before
 
 
 def add_train_subcommand(sub) -> None:
     from .train import build_parser as train_parser
 
     t = sub.add_parser("train", parents=[train_parser()], add_help=False,
-                       help="train a recipe through the deepspeed launcher on local resources")
+                       help="train a recipe through the deepspeed launcher, on this machine or a hostfile's nodes")
     t.add_argument("--num-procs", type=int, help="ranks on this machine (default: all GPUs; 1 on CPU)")
     t.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    nodes = t.add_argument_group("multi-node (DeepSpeed's runner: --hostfile, --launcher, --no_ssh, --node_rank, "
+                                 "--master_addr)")
+    nodes.add_argument("--hostfile", help="'hostname slots=N' lines: train on these nodes, N ranks on each")
+    nodes.add_argument("--launcher", help="how DeepSpeed starts the nodes: pdsh (default), openmpi, mpich, impi, "
+                                          "mvapich, slurm")
+    nodes.add_argument("--no-ssh", action="store_true",
+                       help="start only this node's ranks (run once per node, with --node-rank, --master-addr, "
+                            "--master-port)")
+    nodes.add_argument("--node-rank", type=int, help="with --no-ssh: this node's line among the hostfile's hosts "
+                                                      "(from 0)")
+    nodes.add_argument("--master-addr", help="node 0's address, where every rank meets")
     t.set_defaults(func=cmd_train)
 
 
