@@ -2,6 +2,7 @@
 
     zero-trainer plan --model 7b --gpus-per-node 8 --gpu-mem 80      # a table of every rung, then the choice
     zero-trainer plan --model 8b.json --seq-len 524288 --gpus-per-node 8 --gpu-mem 80   # sp (Ulysses) when needed
+    zero-trainer plan --model 7b --gpus-per-node 8 --gpu-mem 24 --pp 4   # a pipeline: each stage, and the bubble
     deepspeed.config: auto                                            # resolve.py asks plan_recipe() instead
 
 Nothing here imports torch or deepspeed on the common path (presets, no GPU): `plan --model 70b` answers in well
@@ -69,6 +70,33 @@ Tensor and sequence parallelism (parallel.tp / parallel.sp, `plan --tp / --sp`; 
     so the four ffn-wide tensors exist for one tile of one layer (plus the gradient of its input).
   Not modelled: activation checkpoint offload to CPU (ALST's trick for 500k tokens on one GPU).
 
+Pipeline parallelism (parallel.pp, `plan --pp`; world = dp × pp, beside neither tp nor sp; zero_trainer's own dense
+model only, `ModelShape.pipelines`):
+  - DeepSpeed's PipelineModule cuts the decoder layers into pp stages of whole layers (partition_method
+    "type:DecoderLayerPipe": layers // pp each, the first layers % pp stages one more: `stage_layers`). The first
+    stage also holds the embedding, the last the final norm and the head; with tied embeddings that head is a copy
+    of the embedding (TiedLayerSpec), so both stages hold its weights, gradients and optimizer states
+    (`pipeline_stages`, as zero_trainer/pipeline.py builds them).
+  - ZeRO partitions a stage's parameters over that stage's data-parallel ranks, N = world / pp (ranks [s·N, (s+1)·N)
+    are stage s: PipeDataParallelTopology). Beside a pipeline DeepSpeed runs ZeRO 0 and 1 only (a named JSON may
+    offload the optimizer to CPU; nothing else offloads: `pipeline_rung_problem`) and turns overlap_comm off. ZeRO-0
+    in bf16 goes through BF16_Optimizer there: the fp32 master and Adam moments partitioned as at ZeRO-1 and a bf16
+    gradient accumulation buffer beside the gradients (`bf16_pipeline_states`). The ladder under a pipeline is
+    PIPELINE_LADDER, ZeRO-0 in bf16 only (the runtime refuses fp32 ZeRO-0 with gradient clipping: a DeepSpeed bug).
+  - 1F1B (DeepSpeed's TrainSchedule) with m micro-batches a step (gradient accumulation, train.grad_accum; the
+    runtime wants m ≥ pp, one a stage in flight): stage s holds the activations of min(pp − s, m) micro-batches at
+    once, of its own layers only (checkpointed: each layer's input per micro-batch, one layer recomputed live), and
+    rope's cos and sin for each; the final norm and the loss head exist on the last stage only. The pipe engine
+    keeps max(2, min(pp − s, m)) input and output slots, each one micro-batch's [b, s, h] activation in the run's
+    dtype with its int64 position ids (token ids on the first stage, labels on the last), and one receive buffer
+    for activations and one for gradients (`pipeline_activation_terms`). With m ≥ pp the first stage thus keeps as
+    many layer activations as the whole model does without a pipeline: a pipeline divides model states, not the
+    first stage's activations.
+  - A layout fits when its heaviest stage fits; on a CPU-only node the node's ranks, of whichever stages, share the
+    RAM: their sum must fit. The bubble, the share of a step each stage idles, is (pp − 1)/(m + pp − 1); the plan
+    warns below BUBBLE_MICRO_BATCHES·pp micro-batches a step.
+  Not measured yet on this machine: the pipe engine's own overhead (its rung's RUNTIME_BYTES stands in).
+
 Runtime overhead, measured on this CPU machine (bench/plan_calibration.py): a rank's process after importing torch
 and deepspeed and init_distributed holds HOST_PROCESS_BYTES of RSS before any model exists; the engine, data
 loader and allocator then add RUNTIME_BYTES whatever the model (per stage: DeepSpeed's ZeRO optimizer wrapper at
@@ -88,8 +116,12 @@ avoiding recomputation comes first there. NVMe rungs only when NVMe space is giv
 the planner tile the loss (it recomputes nothing), then the MLP too (recomputed in backward), and only when nothing
 fits at sp 1 even so does it search sp (`plan_model(sp=None)`; deepspeed.config auto with parallel.sp 1): the
 smallest degree that divides world / tp, seq_len and the heads, and whose kv heads Ulysses can shard or replicate.
-It never picks tp, and never searches sp beside tp > 1. When nothing fits, the error names the candidate that needs
-the least extra memory, and how much of which.
+Only when nothing fits with the sp search either does it search pp (`plan_model(pp=None)`; auto with parallel.pp 1
+too, zero_trainer's dense model): the smallest degree that divides the world size and is at most the layers, each
+planned at sp 1 (the two do not combine) on ZeRO 0/1 without added tiling. Last, because a pipeline idles each stage
+for the bubble and leaves the first stage's activations whole, while sp divides every activation. It never picks tp,
+and never searches sp or pp beside tp > 1 (nor pp beside a fixed sp). When nothing fits, the error names the
+candidate that needs the least extra memory, and how much of which.
 """
 
 import dataclasses
@@ -168,6 +200,13 @@ class ModelShape:
     param_sizes: tuple = ()  # every parameter's elements in the order DeepSpeed meets them (sub-groups, prefetch)
     experts: int = 0  # a MoE's experts per layer (0: dense); each of `ffn` width
     experts_per_token: int = 0
+    model_type: str = ""  # the config's model_type: "zero_lm" is zero_trainer's own model (model.py)
+    tied_embeddings: bool = True  # the head reuses the embedding matrix (tie_word_embeddings)
+
+    @property
+    def pipelines(self) -> bool:
+        """Whether the pipeline runtime can split it into stages: zero_trainer's own dense model only."""
+        return self.model_type == "zero_lm" and not self.experts
 
 
 def _llama_shape(name: str, c: dict) -> ModelShape:
@@ -186,7 +225,7 @@ def _llama_shape(name: str, c: dict) -> ModelShape:
     sizes = (V * h,) + one_layer * L + (h,) + (() if tied else (V * h,))
     return ModelShape(name, params, h, L, H, kv, f, V, c.get("max_position_embeddings"),
                       largest_param=max(V * h, h * f, h * H * hd), layer_params=layer, norm_params=(2 * L + 1) * h,
-                      param_sizes=sizes)
+                      param_sizes=sizes, model_type="zero_lm", tied_embeddings=bool(tied))
 
 
 # --- mixture of experts --------------------------------------------------------------------------------------
@@ -298,7 +337,9 @@ def shape_from_config(cfg, name: str = "") -> ModelShape:
                       getattr(cfg, "intermediate_size", None) or 4 * h, cfg.vocab_size,
                       getattr(cfg, "max_position_embeddings", None), largest_param=max(sizes),
                       layer_params=max(1, (sum(sizes) - embed) // max(L, 1)),
-                      norm_params=sum(n for n in sizes if n <= h), param_sizes=tuple(sizes))
+                      norm_params=sum(n for n in sizes if n <= h), param_sizes=tuple(sizes),
+                      model_type=getattr(cfg, "model_type", "") or "",
+                      tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)))
 
 
 @dataclass(frozen=True)
@@ -311,6 +352,10 @@ class Workload:
     tiled_mlp: bool = False
     tiled_loss: bool = False
     trainable: int | None = None  # LoRA: the parameters that train (frozen ones have no grads or optimizer states)
+    pp: int = 1  # pipeline degree: the decoder layers run as pp stages (DeepSpeed's PipelineModule, 1F1B)
+    # micro-batches per optimizer step (gradient accumulation steps, DeepSpeed's micro_batches): the m of 1F1B, which
+    # sets how many micro-batches a stage holds in flight and the bubble; nothing reads it at pp 1
+    micro_batches: int = 1
 
     @property
     def weight_bytes(self) -> int:
@@ -325,11 +370,17 @@ class Workload:
         """0: none, 1: the loss, 2: the loss and the MLP (the order the planner adds them in)."""
         return int(self.tiled_loss) + int(self.tiled_mlp)
 
+    @property
+    def pipeline_bubble(self) -> float:
+        """The share of a 1F1B step a stage idles: (pp - 1) / (m + pp - 1) (0 without a pipeline)."""
+        return (self.pp - 1) / (self.micro_batches + self.pp - 1)
+
 
 def zero_ranks(hw: Hardware, workload: Workload) -> int:
     """Ranks ZeRO partitions over: every rank without AutoTP (its ranks hold different shards, so ZeRO runs over the
-    data-parallel group, world / tp); Ulysses' ranks count (ZeRO runs over its sequence-data-parallel group)."""
-    return hw.world_size // workload.tp
+    data-parallel group, world / tp); Ulysses' ranks count (ZeRO runs over its sequence-data-parallel group); with a
+    pipeline, the data-parallel ranks of one stage (world / pp: PipeDataParallelTopology)."""
+    return hw.world_size // (workload.tp * workload.pp)
 
 
 def tp_rank_shape(shape: ModelShape, tp: int) -> ModelShape:
@@ -345,6 +396,125 @@ def tp_rank_shape(shape: ModelShape, tp: int) -> ModelShape:
     layer_norms = 2 * shape.hidden
     return dataclasses.replace(shape, params=sum(sizes), largest_param=max(sizes), param_sizes=sizes,
                                layer_params=layer_norms + math.ceil((shape.layer_params - layer_norms) / tp))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pipeline parallelism: the decoder layers cut into stages, micro-batches flowing through them (1F1B)
+
+PIPELINE_LADDER = ("zero0", "zero1")  # DeepSpeed refuses ZeRO-2/3 beside a PipelineModule
+MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000  # elements the pipe engine's gradient all-reduce flattens at once
+INDEX_BYTES = 8  # int64 token ids, position ids and labels that travel with a micro-batch
+BUBBLE_MICRO_BATCHES = 4  # micro-batches a step per stage that keep the bubble small: m >= 4·pp (Megatron's advice)
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    index: int
+    layers: int  # decoder layers
+    shape: ModelShape  # what it holds: its layers; the first stage the embedding, the last the final norm and the head
+    in_flight: int  # micro-batches whose activations it holds at once under 1F1B: min(pp - index, m)
+    pipe_buffers: int  # the engine's buffer slots per kind: TrainSchedule.num_pipe_buffers() = max(2, in_flight)
+    first: bool
+    last: bool
+
+    @property
+    def params(self) -> int:
+        return self.shape.params
+
+
+def stage_layers(layers: int, pp: int) -> list[int]:
+    """Decoder layers per stage. DeepSpeed's partition_method "type:DecoderLayerPipe" runs partition_balanced on
+    one-hot weights, which gives every stage layers // pp and the first layers % pp stages one more (checked against
+    it in tests/test_plan_pp.py)."""
+    return [layers // pp + (i < layers % pp) for i in range(pp)]
+
+
+def _layer_sizes(shape: ModelShape) -> tuple:
+    """One decoder layer's tensors in model order (the layer's parameters as one tensor for a hand-built shape)."""
+    extra = 2 + (0 if shape.tied_embeddings else 1)  # the embedding, the final norm, an untied head
+    if not shape.param_sizes or (len(shape.param_sizes) - extra) % shape.layers:
+        return (shape.layer_params,)
+    per_layer = (len(shape.param_sizes) - extra) // shape.layers
+    return tuple(shape.param_sizes[1:1 + per_layer])
+
+
+def pipeline_stages(shape: ModelShape, pp: int, micro_batches: int = 1) -> list[PipelineStage]:
+    """The stages DeepSpeed's PipelineModule cuts zero_trainer's model into: whole decoder layers (stage_layers); the
+    first stage also holds the embedding, the last the final norm and the head (vocab × hidden) — its own when
+    untied, a copy of the embedding when tied (TiedLayerSpec: both stages own the weight, its gradients are
+    all-reduced between them), so with tied embeddings the stages hold one embedding more than the model has."""
+    h, table = shape.hidden, shape.vocab * shape.hidden
+    layer = _layer_sizes(shape)
+    stages = []
+    for i, n in enumerate(stage_layers(shape.layers, pp)):
+        first, last = i == 0, i == pp - 1
+        sizes = ((table,) if first else ()) + layer * n + ((h, table) if last else ())
+        held = dataclasses.replace(shape, params=sum(sizes), layers=n, largest_param=max(sizes), param_sizes=sizes,
+                                   norm_params=2 * h * n + (h if last else 0))
+        in_flight = min(pp - i, micro_batches)
+        stages.append(PipelineStage(i, n, held, in_flight, max(2, in_flight), first, last))
+    return stages
+
+
+def pipeline_activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool,
+                              stage: PipelineStage) -> dict:
+    """activation_bytes by term on one pipeline stage: `layers` (what its layers keep for backward, for each of the
+    micro-batches in flight), `live` (the layer being recomputed or run backward), `all_to_all` (0: no Ulysses beside a
+    pipeline), `loss` (rope's cos and sin for each micro-batch in flight; on the last stage the final norm and the
+    loss head), `pipe` (the pipe engine's buffers, pipe/engine.py: input and output slots of pipe_buffers per
+    micro-batch — the received activation, kept until its gradient is sent, and the stage's output, kept until
+    its backward — each a [b, s, h] tensor in the run's dtype with the int64 position ids; the first stage's input
+    slots hold token and position ids, the last stage's output slots its labels; plus one receive buffer for
+    activations (not on the first stage) and one for gradients (not on the last))."""
+    one = activation_terms(dataclasses.replace(shape, layers=1), workload, checkpointing)
+    tokens, w, h = workload.local_seq_len * workload.micro_batch, workload.weight_bytes, shape.hidden
+    rope = tokens * 2 * w * (h // shape.heads)
+    activation, ids = w * tokens * h, INDEX_BYTES * tokens
+    inputs = 2 * ids if stage.first else activation + ids
+    outputs = ids if stage.last else activation + ids
+    receive = (0 if stage.first else activation + ids) + (0 if stage.last else activation)
+    return {"layers": stage.in_flight * stage.layers * one["layers"], "live": one["live"], "all_to_all": 0,
+            "loss": (one["loss"] - rope if stage.last else 0) + stage.in_flight * rope,
+            "pipe": stage.pipe_buffers * (inputs + outputs) + receive}
+
+
+def bf16_pipeline_states(shape: ModelShape, world_size: int) -> dict:
+    """Device bytes of one rank's model states at ZeRO-0 in bf16 under a pipeline. DeepSpeed then wraps the optimizer
+    in BF16_Optimizer (engine.py _do_optimizer_sanity_check), not FP16_Optimizer: the bf16 weights and their
+    gradients, a flat gradient accumulation buffer in the gradient-accumulation dtype (bf16 unless
+    data_types.grad_accum_dtype says otherwise), and the fp32 master and Adam moments partitioned over the stage's
+    data-parallel ranks as at ZeRO-1 (12Ψ/N); at step() the gradient partition is cast to fp32 (4Ψ/N), and before it
+    the gradient all-reduce flattens up to MEMORY_OPT_ALLREDUCE_SIZE elements at once (the larger of the two)."""
+    P = shape.params
+    part = math.ceil(P / world_size)
+    return {"params": 2 * P, "grads": 2 * P + 2 * P + max(4 * part, 2 * min(P, MEMORY_OPT_ALLREDUCE_SIZE)),
+            "optimizer": 12 * part, "buffers": 0}
+
+
+def pipeline_parallel_degrees(shape: ModelShape, hw: Hardware, micro_batches: int | None = None) -> list[int]:
+    """The degrees a pp search tries, smallest first: divisors of the world size up to the layers (a stage needs
+    one) and up to the micro-batches a step where they are fixed (the runtime wants one a stage in flight), for
+    zero_trainer's own dense model only."""
+    if not shape.pipelines:
+        return []
+    top = min(hw.world_size, shape.layers, micro_batches or hw.world_size)
+    return [d for d in range(2, top + 1) if hw.world_size % d == 0]
+
+
+def default_micro_batches(pp: int) -> int:
+    """`plan --pp` without --grad-accum: enough micro-batches that the bubble stays small (BUBBLE_MICRO_BATCHES·pp)."""
+    return BUBBLE_MICRO_BATCHES * pp if pp > 1 else 1
+
+
+def pipeline_rung_problem(rung: "Rung") -> str:
+    """Why a JSON cannot run under a pipeline ("" if it can): DeepSpeed refuses ZeRO-2/3 beside a PipelineModule, and
+    parameter or NVMe offload (zero_trainer/pipeline.py check_pipeline refuses the same; it also refuses fp32 ZeRO-0
+    with gradient clipping, a DeepSpeed bug under PP, by train.grad_clip)."""
+    if rung.stage > 1:
+        return f"it is ZeRO stage {rung.stage}; DeepSpeed's pipeline engine runs ZeRO 0 and 1 only"
+    if rung.uses_nvme or rung.offload_param != "none":
+        return "it offloads parameters or to NVMe; only CPU optimizer offload runs with the pipeline engine"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,8 +538,11 @@ class Rung:
 
 
 def ladder_rungs(shape: ModelShape, workload: Workload, hw: Hardware) -> list[Rung]:
-    """Every ladder rung that has a JSON in ds_configs/, with its "auto" values filled and knobs sized for `hw`."""
-    return [sized_rung(name, load_ds_config(name)[1], shape, workload, hw) for name in LADDER
+    """Every ladder rung that has a JSON in ds_configs/, with its "auto" values filled and knobs sized for `hw`; under a
+    pipeline PIPELINE_LADDER, ZeRO-0 in bf16 only (the runtime refuses fp32 ZeRO-0 with clipping, and bf16 is what it
+    calibrates)."""
+    names = LADDER if workload.pp == 1 else [n for n in PIPELINE_LADDER if n != "zero0" or workload.precision == "bf16"]
+    return [sized_rung(name, load_ds_config(name)[1], shape, workload, hw) for name in names
             if (DS_CONFIG_DIR / f"{name}.json").is_file()]
 
 
@@ -381,7 +554,7 @@ def sized_rung(name: str, raw: dict, shape: ModelShape, workload: Workload, hw: 
         recipe = Recipe()
         recipe.train.micro_batch, recipe.train.precision = workload.micro_batch, workload.precision
     held = tp_rank_shape(shape, workload.tp)
-    dp = hw.world_size // (workload.tp * workload.sp)  # the batch counts data-parallel ranks only
+    dp = hw.world_size // (workload.tp * workload.sp * workload.pp)  # the batch counts data-parallel ranks only
     ds = resolve_auto_values(raw, recipe, world_size=dp, hidden_size=shape.hidden, params=held.params)
 
     def make(keep_params_in_cpu: bool) -> Rung:
@@ -636,6 +809,9 @@ class Candidate:
     rung: Rung | None = field(default=None, repr=False)  # the rung as sized for this candidate
     tiled_mlp: bool = False
     tiled_loss: bool = False
+    # under a pipeline: each stage's rank (stage, layers, params, in_flight, device_bytes, predicted_peak_bytes);
+    # `device` is then the heaviest stage's
+    stages: list = field(default_factory=list)
 
     @property
     def tiling(self) -> int:
@@ -653,7 +829,8 @@ class Candidate:
         return {"name": self.name, "activation_checkpointing": self.activation_checkpointing,
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss, "device_bytes": self.device_bytes,
                 "cpu_bytes": self.cpu_bytes, "nvme_bytes": self.nvme_bytes,
-                "fits": self.fits, "why": self.why, "device_split": dict(self.device), "sized": self.sized}
+                "fits": self.fits, "why": self.why, "device_split": dict(self.device), "sized": self.sized,
+                **({"stages": self.stages} if self.stages else {})}
 
 
 def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str,
@@ -774,6 +951,8 @@ def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workl
     """
     from .pretrained import READ_CHUNK_BYTES
 
+    if workload.pp > 1:  # each rank builds and loads its own stage: the largest one
+        shape = max((st.shape for st in pipeline_stages(shape, workload.pp)), key=lambda held: held.params)
     P, w, N = shape.params, workload.weight_bytes, zero_ranks(hw, workload)
     chunk = min(READ_CHUNK_BYTES, shape.largest_param * w)
     if rung.stage < 3:
@@ -790,6 +969,8 @@ def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workl
 
 
 def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
+    if workload.pp > 1:
+        return pipeline_estimate(shape, rung, hw, workload, checkpointing)
     dev, cpu, nvme = model_states(tp_rank_shape(shape, workload.tp), rung, zero_ranks(hw, workload),
                                   workload.precision, workload.trainable)
     device = {k: dev[k] for k in ("params", "grads", "optimizer")}
@@ -808,6 +989,45 @@ def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, ch
         cpu_node = hw.gpus_per_node * (sum(cpu.values()) + host)
     return Candidate(rung.name, checkpointing, device, cpu_node, hw.gpus_per_node * nvme, cpu_rank=cpu_rank,
                      rung=rung, tiled_mlp=workload.tiled_mlp, tiled_loss=workload.tiled_loss)
+
+
+def pipeline_estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload,
+                      checkpointing: bool) -> Candidate:
+    """estimate() under a pipeline: every stage's rank (its parameters over the stage's world / pp data-parallel
+    ranks, its activations under 1F1B: pipeline_activation_terms), the heaviest one as the candidate's `device`. On a
+    CPU-only machine a node holds ranks of different stages (PipeDataParallelTopology: ranks [s·dp, (s+1)·dp) are
+    stage s), so its RAM must hold the sum over its ranks; the fullest node counts."""
+    N, gpus = zero_ranks(hw, workload), hw.gpus_per_node
+    serial = dataclasses.replace(rung, zero={**rung.zero, "overlap_comm": False})  # the pipe engine turns it off
+    host = HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage]
+    base = HOST_PROCESS_BYTES if hw.cpu_only else DEVICE_RUNTIME_BYTES
+    per_stage, in_host, offloaded, stages = [], [], [], []
+    for st in pipeline_stages(shape, workload.pp, workload.micro_batches):
+        if rung.stage == 0 and workload.precision == "bf16":
+            dev, cpu = bf16_pipeline_states(st.shape, N), {}
+        else:  # ZeRO-1 (its CPU optimizer offload too), ZeRO-0 in fp32 / fp16 as without a pipeline
+            dev, cpu, _ = model_states(st.shape, serial, N, workload.precision)
+        device = {k: dev[k] for k in ("params", "grads", "optimizer")}
+        device["activations"] = sum(pipeline_activation_terms(shape, workload, checkpointing, st).values())
+        device["buffers"] = dev["buffers"]
+        if hw.cpu_only:  # one memory, as in estimate()
+            for key, value in cpu.items():
+                device[key] = device.get(key, 0) + value
+            device["buffers"] += host + init_retained_bytes(st.shape, rung, workload.precision)
+            in_host.append(sum(device.values()))
+        else:
+            device["buffers"] += DEVICE_RUNTIME_BYTES
+            in_host.append(sum(cpu.values()) + host)
+        per_stage.append(device)
+        offloaded.append({k: v for k, v in cpu.items() if v})
+        total = sum(device.values())
+        stages.append({"stage": st.index, "layers": st.layers, "params": st.params, "in_flight": st.in_flight,
+                       "device_bytes": total, "predicted_peak_bytes": total - base})
+    ranks = [in_host[r // N] for r in range(hw.world_size)]
+    cpu_node = max(sum(ranks[n * gpus:(n + 1) * gpus]) for n in range(hw.nodes))
+    worst = max(range(len(per_stage)), key=lambda i: sum(per_stage[i].values()))
+    return Candidate(rung.name, checkpointing, per_stage[worst], cpu_node, 0, cpu_rank=offloaded[worst],
+                     rung=rung, tiled_mlp=workload.tiled_mlp, tiled_loss=workload.tiled_loss, stages=stages)
 
 
 def _judge(c: Candidate, rung: Rung, hw: Hardware) -> None:
@@ -865,7 +1085,10 @@ class Plan:
     reason: str
     notes: list = field(default_factory=list)
     searched: list = field(default_factory=list)  # sequence-parallel search: (sp, why it did not fit) before this sp
-    parallel_reason: str = ""  # why these tp / sp degrees
+    parallel_reason: str = ""  # why these tp / sp / pp degrees
+    # pp search: (pp, why it did not fit) before this pp, pp 1 first; with no pp fitting, every degree tried (pp 1's
+    # plan is the answer then, its reason the error)
+    pipeline_search: list = field(default_factory=list)
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -880,6 +1103,25 @@ class Plan:
         return self.workload.sp
 
     @property
+    def pipeline_parallel(self) -> int:
+        return self.workload.pp
+
+    @property
+    def pipeline_bubble(self) -> float:
+        """(pp - 1) / (m + pp - 1): the share of a step each stage idles (0 without a pipeline)."""
+        return self.workload.pipeline_bubble
+
+    @property
+    def staged(self) -> Candidate | None:
+        """The candidate whose pipeline stages a plan shows: the chosen one, else the lightest."""
+        return self.chosen or min(self.candidates, key=lambda c: c.device_bytes, default=None)
+
+    @property
+    def stages(self) -> list:
+        """Each pipeline stage of `staged` (layers, params, in flight, predicted bytes); [] without a pipeline."""
+        return self.staged.stages if self.staged else []
+
+    @property
     def tiled_mlp(self) -> bool:
         return self.chosen.tiled_mlp if self.chosen else self.workload.tiled_mlp
 
@@ -890,7 +1132,8 @@ class Plan:
     @property
     def parallel(self) -> str:
         """"tp 2", "sp 8, tiled loss and MLP", ...: what the plan adds to plain data parallelism ("" if nothing)."""
-        parts = [f"{k} {v}" for k, v in (("tp", self.tensor_parallel), ("sp", self.sequence_parallel)) if v > 1]
+        parts = [f"{k} {v}" for k, v in (("tp", self.tensor_parallel), ("sp", self.sequence_parallel),
+                                          ("pp", self.pipeline_parallel)) if v > 1]
         tiled = [k for k, on in (("loss", self.tiled_loss), ("MLP", self.tiled_mlp)) if on]
         return ", ".join(parts + (["tiled " + " and ".join(tiled)] if tiled else []))
 
@@ -922,14 +1165,33 @@ class Plan:
                 "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized,
-                "trainable_params": self.workload.trainable}
+                "trainable_params": self.workload.trainable, **self._pipeline_keys()}
+
+    def _pipeline_keys(self) -> dict:
+        """summary() and to_json()'s pipeline part: the degree, micro-batches a step, the bubble, each stage."""
+        return {"pipeline_parallel": self.pipeline_parallel, "micro_batches": self.workload.micro_batches,
+                "pipeline_bubble": round(self.pipeline_bubble, 4),
+                "stages": [{k: st[k] for k in ("stage", "layers", "params", "in_flight", "predicted_peak_bytes")}
+                           for st in self.stages]}
+
+    @property
+    def pipeline(self) -> str:
+        """The pipeline in words ("" without one): stages, their predicted peaks, the bubble."""
+        if self.pipeline_parallel == 1:
+            return ""
+        m = self.workload.micro_batches
+        peaks = " / ".join(f"{st['predicted_peak_bytes'] / GiB:.1f}" for st in self.stages)
+        return (f"pipeline: {self.pipeline_parallel} stages of {'+'.join(str(st['layers']) for st in self.stages)} "
+                f"layers, predicted {peaks} GiB a rank; bubble {self.pipeline_bubble:.0%} at {m} micro-batch"
+                f"{'es' if m > 1 else ''} a step")
 
     def line(self) -> str:
         """The plan in one line, printed when a run starts."""
         knobs = ", ".join(f"{k.removeprefix('zero_optimization.')}={_short(v)}" for k, v in self.sized.items())
         return (f"plan: {self.reason}; predicted peak {_gib(self.predicted_peak_bytes)} a rank, "
                 f"{_gib(self.load_peak_bytes)} of host memory while the model loads"
-                + (f"; {self.parallel}" if self.parallel else "") + (f"; sized {knobs}" if knobs else "")
+                + (f"; {self.parallel}" if self.parallel else "") + (f"; {self.pipeline}" if self.pipeline else "")
+                + (f"; sized {knobs}" if knobs else "")
                 + (f"; {self.lora}" if self.lora else ""))
 
     @property
@@ -948,7 +1210,7 @@ class Plan:
             "chosen": self.chosen.name if self.chosen else None,
             "activation_checkpointing": self.activation_checkpointing, "sized": self.sized,
             "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
-            "data_parallel": hw.world_size // (self.tensor_parallel * self.sequence_parallel),
+            "data_parallel": hw.world_size // (self.tensor_parallel * self.sequence_parallel * self.pipeline_parallel),
             "zero_partitions": zero_ranks(hw, self.workload), "tiled_mlp": self.tiled_mlp,
             "tiled_loss": self.tiled_loss,
             "sequence_parallel_search": [{"sequence_parallel": sp, "fits": False, "reason": why}
@@ -959,7 +1221,9 @@ class Plan:
                          "cpu_mem_bytes": hw.cpu_mem, "nvme_bytes": hw.nvme, "cpu_only": hw.cpu_only},
             "seq_len": self.workload.seq_len, "micro_batch": self.workload.micro_batch,
             "precision": self.workload.precision, "safety_margin": SAFETY_MARGIN, "notes": self.notes,
-            "candidates": [c.to_json() for c in self.candidates],
+            "candidates": [c.to_json() for c in self.candidates], **self._pipeline_keys(),
+            "pipeline_parallel_search": [{"pipeline_parallel": pp, "fits": False, "reason": why}
+                                         for pp, why in self.pipeline_search],
         }
 
 
@@ -993,7 +1257,7 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
     rungs = rungs if rungs is not None else ladder_rungs(shape, workload, hw)
     candidates, by_name, chosen, preference = [], {r.name: r for r in rungs}, None, []
     rounds = [workload]
-    if tiling:
+    if tiling and workload.pp == 1:  # under a pipeline the planner adds no tiling (a workload's own still holds)
         rounds += [dataclasses.replace(workload, tiled_loss=True),
                    dataclasses.replace(workload, tiled_loss=True, tiled_mlp=True)]
     for i, wl in enumerate(rounds):
@@ -1008,7 +1272,8 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
             break
     eligible = [c for c in candidates if checkpointing is None or c.activation_checkpointing == checkpointing]
     if chosen is None:
-        return Plan(shape, hw, workload, candidates, None, _nothing_fits(eligible, by_name, hw))
+        return Plan(shape, hw, workload, candidates, None, _nothing_fits(eligible, by_name, hw),
+                    notes=_bubble_note(workload))
     limit = hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem
     if chosen.activation_checkpointing and not checkpointing:
         why = "no rung fits without activation checkpointing; the least sharding and offload that fits with it"
@@ -1026,7 +1291,8 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
     reason = (f"{_label(chosen)}: {why} "
               f"({_gib(chosen.device_bytes)} a rank, {100 * chosen.device_bytes / limit:.0f}% of "
               f"{'its share of the RAM' if hw.cpu_only else 'the device'}; {SAFETY_MARGIN:.0%} kept free)")
-    return Plan(shape, hw, workload, candidates, chosen, reason, notes=_notes(shape, by_name[chosen.name], hw))
+    return Plan(shape, hw, workload, candidates, chosen, reason,
+                notes=_notes(shape, by_name[chosen.name], hw, workload))
 
 
 def _label(c: Candidate) -> str:
@@ -1043,15 +1309,28 @@ def _tiled(c: Candidate, beyond: Workload | None = None) -> str:
     return " and ".join(parts)
 
 
-def _notes(shape: ModelShape, rung: Rung, hw: Hardware) -> list[str]:
+def _notes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload | None = None) -> list[str]:
     """What the steady-state model leaves out but a user should know."""
     notes = []
-    startup = hw.gpus_per_node * (4 * shape.params + HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage])
+    pp = workload.pp if workload else 1
+    built = max(st.params for st in pipeline_stages(shape, pp)) if pp > 1 else shape.params  # a rank builds its stage
+    startup = hw.gpus_per_node * (4 * built + HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage])
     if rung.stage < 3 and not hw.cpu_only and startup > hw.cpu_mem * (1 - SAFETY_MARGIN):
         notes.append(f"note: below ZeRO-3 the trainer builds the whole fp32 model on each rank's CPU before "
                      f"DeepSpeed moves it: {_gib(startup)} per node at start-up, more than "
                      f"{_gib(hw.cpu_mem * (1 - SAFETY_MARGIN))} usable")
-    return notes
+    return notes + (_bubble_note(workload) if workload else [])
+
+
+def _bubble_note(workload: Workload) -> list[str]:
+    """A warning when a pipeline gets fewer than BUBBLE_MICRO_BATCHES·pp micro-batches a step."""
+    pp, m = workload.pp, workload.micro_batches
+    if pp == 1 or m >= BUBBLE_MICRO_BATCHES * pp:
+        return []
+    return [f"warning: {m} micro-batch{'es' if m > 1 else ''} a step through {pp} pipeline stages leave"
+            f"{'s' if m == 1 else ''} each stage idle {workload.pipeline_bubble:.0%} of the step (bubble "
+            f"(pp-1)/(m+pp-1)); {BUBBLE_MICRO_BATCHES * pp} or more keep it under "
+            f"{(pp - 1) / (BUBBLE_MICRO_BATCHES * pp + pp - 1):.0%} (train.grad_accum; `plan --grad-accum`)"]
 
 
 def _nothing_fits(candidates: list, by_name: dict, hw: Hardware) -> str:
@@ -1075,13 +1354,16 @@ def _nothing_fits(candidates: list, by_name: dict, hw: Hardware) -> str:
 def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
                precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
                tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False,
-               trainable: int | None = None) -> Plan:
+               trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None) -> Plan:
     """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input.
 
     tp, sp: fixed AutoTP / Ulysses degrees; sp=None searches: sp 1 first, then the smallest sp that fits
-    (`sequence_parallel_degrees`). tiled_mlp / tiled_loss: tiling the run does anyway (the planner may add it)."""
+    (`sequence_parallel_degrees`). tiled_mlp / tiled_loss: tiling the run does anyway (the planner may add it).
+    pp: a fixed pipeline degree; pp=None (with sp=None and tp 1) searches too: only when nothing fits at pp 1, sp
+    search included, the smallest pp that fits (`pipeline_parallel_degrees`). micro_batches: the pipeline's micro-
+    batches a step (gradient accumulation); None: default_micro_batches(pp) for each degree."""
     where = {"model": "--model", "seq_len": "--seq-len", "micro_batch": "--micro-batch", "precision": "--precision",
-             "tp": "--tp", "sp": "--sp", **(where or {})}
+             "tp": "--tp", "sp": "--sp", "pp": "--pp", "micro_batches": "--grad-accum", **(where or {})}
     shape = model_shape(model, where["model"])
     if precision not in PRECISIONS:
         raise UsageError(f"precision '{precision}' is unknown", where["precision"],
@@ -1093,12 +1375,14 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
     if micro_batch < 1:
         raise UsageError(f"micro batch {micro_batch} is invalid", where["micro_batch"], "use a whole number >= 1")
     workload = Workload(seq_len, micro_batch, precision, tp=tp, sp=sp or 1, tiled_mlp=tiled_mlp,
-                        tiled_loss=tiled_loss, trainable=trainable)
+                        tiled_loss=tiled_loss, trainable=trainable, pp=1 if pp is None else pp,
+                        micro_batches=default_micro_batches(pp or 1) if micro_batches is None else micro_batches)
     check_layout(shape, hardware, workload, where)
-    fixed = f"as given ({where['tp']}, {where['sp']})"
-    if sp is not None or tp > 1:  # no search beside AutoTP: it takes the model-parallel groups Ulysses needs
+    fixed = f"as given ({where['tp']}, {where['sp']}{', ' + where['pp'] if workload.pp > 1 else ''})"
+    if sp is not None or tp > 1 or workload.pp > 1:  # no search beside AutoTP or a pipeline: neither runs Ulysses
         plan = make_plan(shape, hardware, workload, checkpointing)
-        plan.parallel_reason = fixed + ("; no sequence-parallel search beside AutoTP" if sp is None else "")
+        beside = "AutoTP" if tp > 1 else "a pipeline"
+        plan.parallel_reason = fixed + (f"; no sequence-parallel search beside {beside}" if sp is None else "")
         return plan
     searched, plan = [], None
     for degree in sequence_parallel_degrees(shape, hardware, workload):
@@ -1119,6 +1403,30 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
     else:
         plan.parallel_reason = "fits without sequence parallelism" if plan.chosen else \
             "no larger sp divides the world size, seq_len and the heads"
+    if plan.chosen is None and pp is None and not tiled_mlp and not tiled_loss and trainable is None:
+        plan = _pipeline_search(shape, hardware, workload, checkpointing, micro_batches, plan)
+    return plan
+
+
+def _pipeline_search(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None,
+                     micro_batches: int | None, flat: Plan) -> Plan:
+    """The smallest pp that fits when nothing fits without a pipeline (`flat`, its sp search done): sp and pp do not
+    combine, so each degree plans at sp 1, on ZeRO 0/1 without added tiling (nor LoRA: the runtime runs neither
+    beside a pipeline). None fits: `flat`, the degrees tried recorded beside it."""
+    searched, plan = [(1, flat.reason)], None
+    for degree in pipeline_parallel_degrees(shape, hw, micro_batches):
+        m = micro_batches if micro_batches is not None else default_micro_batches(degree)
+        plan = make_plan(shape, hw, dataclasses.replace(workload, sp=1, pp=degree, micro_batches=m), checkpointing)
+        if plan.chosen is not None:
+            break
+        searched.append((degree, plan.reason))
+    if plan is None or plan.chosen is None:
+        flat.pipeline_search = searched[1:]
+        return flat
+    plan.pipeline_search = searched
+    plan.parallel_reason = f"the smallest pp that fits (pp {', '.join(str(d) for d, _ in searched)} " \
+                           f"{'does' if len(searched) == 1 else 'do'} not: {searched[0][1]})"
+    plan.reason += f"; pipeline parallel {plan.pipeline_parallel}: {plan.parallel_reason}"
     return plan
 
 
@@ -1152,12 +1460,16 @@ def _sp_problem(shape: ModelShape, workload: Workload, sp: int) -> str:
 
 
 def check_layout(shape: ModelShape, hw: Hardware, workload: Workload, where: dict) -> None:
-    """One UsageError for a TP/SP layout DeepSpeed cannot run: degrees that do not divide the world, tp not dividing
-    the heads (AutoTP splits whole heads), sp not dividing seq_len or the heads (Ulysses)."""
-    tp, sp = workload.tp, workload.sp
-    for degree, key in ((tp, "tp"), (sp, "sp")):
+    """One UsageError for a TP/SP/PP layout DeepSpeed cannot run: degrees that do not divide the world, tp not
+    dividing the heads (AutoTP splits whole heads), sp not dividing seq_len or the heads (Ulysses), a pipeline beside
+    either, on another model, or with more stages than layers (check_pipeline)."""
+    tp, sp, pp = workload.tp, workload.sp, workload.pp
+    where = {"pp": "parallel.pp", "micro_batches": "train.grad_accum", **where}
+    for degree, key in ((tp, "tp"), (sp, "sp"), (pp, "pp"), (workload.micro_batches, "micro_batches")):
         if degree < 1:
-            raise UsageError(f"{key} {degree} is invalid", where[key], "use a whole number >= 1")
+            raise UsageError(f"{key.replace('_', ' ')} {degree} is invalid", where[key], "use a whole number >= 1")
+    if pp > 1:
+        check_pipeline(shape, hw, workload, where)
     if hw.world_size % (tp * sp):
         key = "sp" if sp > 1 else "tp"
         raise UsageError(f"{'tp ' + str(tp) + ' × sp ' + str(sp) if tp > 1 and sp > 1 else key + ' ' + str(tp * sp)}"
@@ -1170,6 +1482,34 @@ def check_layout(shape: ModelShape, hw: Hardware, workload: Workload, where: dic
     if sp > 1 and (problem := _sp_problem(shape, workload, sp)):
         raise UsageError(f"sp {sp} {problem}", where["sp"], f"use an sp among "
                          f"{', '.join(map(str, sequence_parallel_degrees(shape, hw, workload))) or '1'}")
+
+
+def check_pipeline(shape: ModelShape, hw: Hardware, workload: Workload, where: dict) -> None:
+    """A pipeline DeepSpeed and the runtime cannot run: beside tp or sp, on a model other than zero_trainer's own
+    dense one, a degree that does not divide the world, more stages than decoder layers."""
+    pp, field_name = workload.pp, where["pp"]
+    if workload.tp > 1 or workload.sp > 1:
+        other = f"tp {workload.tp}" if workload.tp > 1 else f"sp {workload.sp}"
+        raise UsageError(f"pp {pp} does not combine with {other} (the pipeline engine runs neither AutoTP nor "
+                         "Ulysses)", field_name, "use pp 1, or tp 1 and sp 1 beside it")
+    if not shape.pipelines:
+        what = "a mixture of experts" if shape.experts else f"model_type {shape.model_type or 'unknown'}"
+        raise UsageError(f"pp {pp} needs zero_trainer's own dense model (model_type zero_lm); {shape.name} is {what}",
+                         field_name, "use pp 1 for this model")
+    if hw.world_size % pp:
+        raise UsageError(f"pp {pp} does not divide the world size {hw.world_size} ({hw.nodes} node(s) × "
+                         f"{hw.gpus_per_node} rank(s))", field_name, f"use a degree that divides {hw.world_size}")
+    if pp > shape.layers:
+        raise UsageError(f"pp {pp} is more than the model's {shape.layers} decoder layers (a stage holds whole "
+                         "layers)", field_name, f"use a pp of at most {shape.layers}")
+    if workload.micro_batches < pp:
+        raise UsageError(f"{workload.micro_batches} micro-batch(es) a step is below pp {pp}: the pipeline needs one "
+                         "a stage in flight", where["micro_batches"],
+                         f"use at least {pp} (>= {BUBBLE_MICRO_BATCHES * pp} keeps the bubble small)")
+    if workload.tiling or workload.trainable is not None:
+        what = "LoRA" if workload.trainable is not None else "tiling"
+        raise UsageError(f"pp {pp} with {what}: the pipeline's stages run their own layers and loss, without it",
+                         field_name, f"use pp 1 with {what}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1245,17 +1585,19 @@ def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[s
     ds=None (deepspeed.config: auto): every rung of the ladder, the cheapest that fits. ds=(name, raw JSON): that
     one config, its "auto" knobs sized and the result judged. A recipe with train.activation_checkpointing: true
     checkpoints anyway, so only those candidates are eligible; with false, auto may still need it (the trainer
-    turns it on). The same holds for parallel.tiled_loss / tiled_mlp (`.tiled_loss`, `.tiled_mlp`). parallel.tp and
-    parallel.sp are fixed degrees, except that auto with sp 1 (and tp 1) may choose a larger sp when nothing fits
-    without (`.sequence_parallel`). Raises UsageError when nothing fits the hardware (or the recipe's `hardware:`
-    budget).
+    turns it on). The same holds for parallel.tiled_loss / tiled_mlp (`.tiled_loss`, `.tiled_mlp`). parallel.tp,
+    parallel.sp and parallel.pp are fixed degrees, except that auto with sp 1 (and tp 1) may choose a larger sp when
+    nothing fits without (`.sequence_parallel`), and auto with pp 1 as well a pipeline when nothing fits even so
+    (`.pipeline_parallel`; train.grad_accum is its micro-batches a step). Raises UsageError when nothing fits the
+    hardware (or the recipe's `hardware:` budget).
     """
     train, data = recipe.train, recipe.data
     field_name, source = recipe.model_field, recipe.model_source
     if model_cfg is not None:  # already built by the caller: name it after the recipe's preset or path
         source = shape_from_config(model_cfg, name=str(source)) if hasattr(model_cfg, "to_dict") else model_cfg
     where = {"model": field_name, "seq_len": "data.seq_len", "micro_batch": "train.micro_batch",
-             "precision": "train.precision", "tp": "parallel.tp", "sp": "parallel.sp"}
+             "precision": "train.precision", "tp": "parallel.tp", "sp": "parallel.sp", "pp": "parallel.pp",
+             "micro_batches": "train.grad_accum"}
     par = recipe.parallel
     tiled = {"tiled_mlp": par.tiled_mlp, "tiled_loss": par.tiled_loss}
     hw = recipe_hardware(recipe, world_size, nvme_probe=ds is not None and uses_nvme(ds[1]))
@@ -1265,12 +1607,16 @@ def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[s
         if ds is None:
             return plan_model(source, hw, data.seq_len, train.micro_batch, train.precision,
                               checkpointing=checkpointing, where=where, tp=par.tp,
-                              sp=None if par.sp == 1 else par.sp, trainable=trainable, **tiled)
+                              sp=None if par.sp == 1 else par.sp, trainable=trainable,
+                              pp=None if par.pp == 1 else par.pp, micro_batches=train.grad_accum, **tiled)
         shape = model_shape(source, field_name)
         workload = Workload(data.seq_len, train.micro_batch, train.precision, tp=par.tp, sp=par.sp,
-                            trainable=trainable, **tiled)
+                            trainable=trainable, pp=par.pp, micro_batches=train.grad_accum, **tiled)
         check_layout(shape, hw, workload, where)
         rung = sized_rung(ds[0], ds[1], shape, workload, hw, recipe)
+        if par.pp > 1 and (problem := pipeline_rung_problem(rung)):
+            raise UsageError(f"{ds[0]} cannot run beside parallel.pp {par.pp}: {problem}", "deepspeed.config",
+                             "use zero1 or zero0 (your JSON at stage 0/1), or deepspeed.config: auto")
         check_knobs(shape, rung, hw, workload, ds[0])
         return make_plan(shape, hw, workload, checkpointing=checkpointing, rungs=[rung])
 

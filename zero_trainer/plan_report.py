@@ -7,7 +7,17 @@ from pathlib import Path
 from .ds_config import for_hf_tools, load_ds_config, set_nvme_path
 from .errors import UsageError
 from .hardware import GiB, detect_hardware
-from .plan import DEFAULT_SEQ_LEN, SAFETY_MARGIN, Plan, experts_line, make_plan, model_shape, plan_model, sized_rung
+from .plan import (
+    DEFAULT_SEQ_LEN,
+    SAFETY_MARGIN,
+    Plan,
+    experts_line,
+    make_plan,
+    model_shape,
+    plan_model,
+    sized_rung,
+    zero_ranks,
+)
 from .recipe import PRECISIONS
 
 
@@ -29,6 +39,11 @@ def add_subcommand(sub) -> None:
                    "1): the attention and MLP projections are split over N ranks; never chosen by the planner")
     p.add_argument("--sp", type=int, metavar="N", help="sequence parallel degree (DeepSpeed Ulysses): each rank holds "
                    "seq_len/N tokens. Default: 1, or the smallest degree that fits when nothing fits at 1 (sp search)")
+    p.add_argument("--pp", type=int, metavar="N", help="pipeline parallel degree (DeepSpeed's pipeline engine, ZeRO "
+                   "0/1; zero_trainer's own dense model): the decoder layers as N stages. Default: 1, or the smallest "
+                   "degree that fits when nothing fits at 1 even with the sp search (pp search)")
+    p.add_argument("--grad-accum", type=int, metavar="M", help="with a pipeline: micro-batches a step (gradient "
+                   "accumulation), those in flight on each stage and the bubble (pp-1)/(M+pp-1) (default 4·pp)")
     p.add_argument("--ep", type=int, default=1, help="a MoE's expert-parallel degree: experts per rank and all-to-all "
                    "buffers in the experts line (default 1)")
     p.add_argument("--lora-r", type=int, default=0, metavar="R", help="plan a LoRA fine-tune of rank R (peft): the "
@@ -50,8 +65,8 @@ def add_subcommand(sub) -> None:
 def cmd_plan(args) -> int:
     hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
     trainable = lora_trainable(args)
-    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, tp=args.tp, sp=args.sp,
-                      trainable=trainable)
+    layout = {"tp": args.tp, "sp": args.sp, "pp": args.pp, "micro_batches": args.grad_accum}
+    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, trainable=trainable, **layout)
     if args.plot:
         plot_plan(plan, args.plot)
     if args.json:
@@ -59,7 +74,7 @@ def cmd_plan(args) -> int:
     else:
         print(format_table(plan))
         if trainable is not None:  # the same plan with every weight training: what LoRA changes
-            full = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, tp=args.tp, sp=args.sp)
+            full = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, **layout)
             verdict = full.reason if full.chosen else "nothing fits: " + full.reason
             print(f"without LoRA (every weight training): {verdict}")
         if plan.model.experts:
@@ -135,13 +150,17 @@ def hf_tool_settings(plan: Plan, path: str, checkpointing: bool) -> list[str]:
 def format_table(plan: Plan) -> str:
     hw, wl, m = plan.hardware, plan.workload, plan.model
     gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
-    tp, sp = plan.tensor_parallel, plan.sequence_parallel
+    tp, sp, pp = plan.tensor_parallel, plan.sequence_parallel, plan.pipeline_parallel
     lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
              f"{wl.precision}", *([plan.lora] if plan.lora else []),
              f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
-             f"tensor parallel {tp}, sequence parallel {sp}: {plan.parallel_reason}; ZeRO partitions over "
-             f"{hw.world_size // tp} rank(s), data parallel {hw.world_size // (tp * sp)}"
+             f"tensor parallel {tp}, sequence parallel {sp}{f', pipeline parallel {pp}' if pp > 1 else ''}: "
+             f"{plan.parallel_reason}; ZeRO partitions over {zero_ranks(hw, wl)} rank(s), data parallel "
+             f"{hw.world_size // (tp * sp * pp)}"
              + (f"; each rank holds {wl.local_seq_len} tokens of a sequence" if sp > 1 else ""),
+             *([f"pipeline parallel search: pp {', '.join(str(d) for d, _ in plan.pipeline_search)} tried, none fits "
+                f"(pp {plan.pipeline_search[-1][0]}: {plan.pipeline_search[-1][1]})"]
+               if pp == 1 and plan.pipeline_search else []),
              "GiB per rank" + (" (device = its share of the RAM, offload included)" if hw.cpu_only else
                                " on the device") + "; CPU and NVMe per node; tiles: what runs over sequence tiles",
              f"{'rung':24} {'AC':3} {'tiles':8} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
@@ -164,7 +183,24 @@ def format_table(plan: Plan) -> str:
     if plan.sized:
         knobs = (f"{k.removeprefix('zero_optimization.')}={v}" for k, v in plan.sized.items())
         lines.append("sized: " + ", ".join(knobs))
+    if pp > 1:
+        lines += pipeline_table(plan)
     return "\n".join(lines + plan.notes)
+
+
+def pipeline_table(plan: Plan) -> list[str]:
+    """Each stage of a pipeline plan (of the chosen candidate, else the lightest) and the bubble."""
+    pp, micro = plan.pipeline_parallel, plan.workload.micro_batches
+    shown = plan.staged
+    lines = [f"pipeline: {pp} stages, {micro} micro-batch{'es' if micro > 1 else ''} a step (1F1B); bubble "
+             f"(pp-1)/(m+pp-1) = {pp - 1}/{micro + pp - 1} = {plan.pipeline_bubble:.0%} of each step idle",
+             f"{'stage':>5} {'layers':>6} {'params':>9} {'in flight':>9} {'predicted GiB a rank':>21}  "
+             f"({'chosen' if plan.chosen else 'nothing fits; the lightest'}: {shown.name}"
+             f"{' with activation checkpointing' if shown.activation_checkpointing else ''})"]
+    for st in plan.stages:
+        lines.append(f"{st['stage']:>5} {st['layers']:>6} {st['params'] / 1e6:>8.1f}M {st['in_flight']:>9} "
+                     f"{st['predicted_peak_bytes'] / GiB:>21.2f}")
+    return lines
 
 
 def plot_plan(plan: Plan, path: str) -> None:
