@@ -42,7 +42,8 @@ def launch_engines(root: Path, world_size: int, runs: dict[str, list[str] | dict
     """Several whole runs (name -> recipe overrides) one after another in one `torchrun` launch of
     tests/engines_check.py; returns name -> summary.json. Checks no shm workspace was left behind."""
     spec = [{"output_dir": str(root / run.get("dir", name)), "overrides": list(run["overrides"]),
-             "resume": run.get("resume", False)}
+             "resume": run.get("resume", False),
+             "fork": [str(root / run["fork"][0]), run["fork"][1]] if run.get("fork") else None}
             for name, run in ((n, r if isinstance(r, dict) else {"overrides": r}) for n, r in runs.items())]
     (root / "spec.json").parent.mkdir(parents=True, exist_ok=True)
     (root / "spec.json").write_text(json.dumps(spec))
@@ -94,8 +95,12 @@ class EngineRuns:
         from zero_trainer.ds_config import available_ds_configs
 
         if ws == "parallel":
-            runs = {**PARALLEL_RUNS, **pretrained_runs(self.root / "checkpoints", ws)}
+            runs = {**PARALLEL_RUNS, **pretrained_runs(self.root / "checkpoints", ws),
+                    **pipeline_runs(self.root / "checkpoints")}
             return launch_engines(self.root / "parallel", 2, runs, env=SMALL_LOSS_TILES)
+        if ws == "pipeline4":  # pp 2 × dp 2
+            return launch_engines(self.root / "pipeline4", 4, {"pp2_dp2": [*PP, "train.micro_batch=1",
+                                                                           f"train.max_steps={PP_SHORT}"]})
         if ws == "families":
             return launch_engines(self.root / "families", 2, family_runs(self.root / "checkpoints"))
         named = {n: [*BASE, f"deepspeed.config={n}"] for n in available_ds_configs()}
@@ -140,6 +145,32 @@ PARALLEL_RUNS = {
     "sp2_zero1": [*BASE, "parallel.sp=2", "deepspeed.config=zero1", *SEQ256],
     "sp2_zero3_tiled": [*BASE, "parallel.sp=2", "deepspeed.config=zero3", *SEQ256, *TILED],
 }
+
+
+# Pipeline parallelism (tests/test_pipeline.py), in the model-parallel launch (2 ranks: pp 2 × dp 1, micro-batch 2 ×
+# 2 in flight, the 1-rank runs' 4 rows a step): pp2 stopped at 6 and resumed to 12, pp2_whole without stopping;
+# with activation checkpointing; pp2's step-6 checkpoint resumed without the pipeline on both ranks (dp 2, through
+# the universal checkpoint); an untied head from its pretrained weights beside the same run without the pipeline;
+# bf16 at ZeRO-0. And pp 2 × dp 2 on 4 ranks (launch "pipeline4").
+PP = [*BASE, "parallel.pp=2", "deepspeed.config=zero1", "train.micro_batch=2", "train.grad_accum=2",
+      "train.eval_batches=2"]  # the 4 held-out rows the 1-rank runs' one batch of 4 reads
+PP_SHORT = 4
+
+
+def pipeline_runs(checkpoints: Path) -> dict:
+    from hf_families import write_all
+
+    untied = f"model.pretrained={write_all(checkpoints, ('zero_lm_untied',))['zero_lm_untied']}"
+    short = f"train.max_steps={PP_SHORT}"
+    return {"pp2_stopped": {"overrides": [*PP, *SAVED, "train.stop_at_step=6"], "dir": "pp2"},
+            "pp2": {"overrides": [*PP, *SAVED], "resume": True},
+            "pp2_whole": [*PP, *SAVED],
+            "pp2_ac": [*PP, short, "train.activation_checkpointing=true"],
+            "pp2_to_dp2": {"overrides": [*BASE, "deepspeed.config=zero1", "train.micro_batch=2", *SAVED],
+                           "fork": ("pp2", 6)},
+            "pp2_untied": [*PP, short, untied],
+            "pp1_untied": [*BASE, short, untied, "deepspeed.config=zero1", "train.micro_batch=2"],
+            "pp2_bf16_zero0": [*PP, short, "deepspeed.config=zero0", "train.precision=bf16"]}
 
 
 # transformers' own model classes (tests/hf_families.py), 2 ranks in one launch, per family: a random init from its

@@ -263,8 +263,14 @@ def check_expert_parallel_change(ckpt: Path, ep: int, world_size: int, flag: str
                          "the weights and start a new run from them")
 
 
-def needs_universal(state: dict, world_size: int, stage: int) -> bool:
-    return state["world_size"] != world_size or state["zero_stage"] != stage
+def saved_pipeline_parallel(state: dict) -> int:
+    return (state.get("recipe") or {}).get("parallel", {}).get("pp", 1)
+
+
+def needs_universal(state: dict, world_size: int, stage: int, pp: int = 1) -> bool:
+    """Another world size, ZeRO stage or pipeline degree: DeepSpeed's universal checkpoint re-partitions (a pipeline's
+    per-layer names are aliased to the model's, pipeline.alias_universal)."""
+    return state["world_size"] != world_size or state["zero_stage"] != stage or saved_pipeline_parallel(state) != pp
 
 
 def to_universal(ckpt: Path) -> Path:

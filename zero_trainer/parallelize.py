@@ -62,7 +62,7 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
         raise UsageError("parallel.tp and parallel.sp together: AutoTP replaces the engine's model-parallel groups, "
                          "so DeepSpeed 0.19.8 cannot combine it with Ulysses", "parallel.tp",
                          "use one of them (sp for long sequences, tp for wide layers)")
-    if p.model_parallel > 1 and getattr(model_cfg, "num_local_experts", 0):
+    if p.tp * p.sp > 1 and getattr(model_cfg, "num_local_experts", 0):
         field, why = (("parallel.tp", "AutoTP does not split the fused expert tensors") if p.tp > 1 else
                       ("parallel.sp", "the load-balancing loss of sequence slices is not the whole sequence's"))
         raise UsageError(f"{field} on a mixture-of-experts model: {why}", field,

@@ -170,54 +170,15 @@ def alias_universal(universal_dir, model_cfg) -> None:
                     alias.symlink_to(d.name)
 
 
-def check_pipeline(recipe, model_cfg, world_size: int, ds_config: dict) -> None:
-    """parallel.pp against the model, the other degrees and the DeepSpeed config: one UsageError, before launch."""
-    from .ds_config import offload_device, uses_nvme, warn, zero_stage
+def check_pipeline(recipe, ds_config: dict) -> None:
+    """What only the DeepSpeed config shows about parallel.pp (the planner's check_pipeline refuses the rest — other
+    degrees, models, stages, accumulation — for `zero-trainer plan --pp` and runs alike): one UsageError."""
+    from .ds_config import zero_stage
     from .errors import UsageError
 
-    p, train, pp = recipe.parallel, recipe.train, recipe.parallel.pp
-    if pp == 1:
-        return
-    if type(model_cfg).__name__ != "ZeroLMConfig" or getattr(model_cfg, "num_local_experts", 0):
-        what = "a mixture-of-experts model" if getattr(model_cfg, "num_local_experts", 0) else \
-            f"{type(model_cfg).__name__.removesuffix('Config')} (a transformers class)"
-        raise UsageError(f"parallel.pp splits zero_trainer's own dense model into stages; this config builds {what}",
-                         "parallel.pp", "use a zero_trainer preset or a zero_lm config.json without experts, or "
-                         "parallel.pp=1 (ZeRO-3 shards any model)")
-    layers = model_cfg.num_hidden_layers
-    if pp > layers:
-        raise UsageError(f"parallel.pp {pp} exceeds the model's {layers} decoder layers (each stage needs one)",
-                         "parallel.pp", f"use parallel.pp <= {layers}")
-    for field, value, why in (("parallel.tp", p.tp, "AutoTP replaces the pipeline engine's process grid"),
-                              ("parallel.sp", p.sp, "deepspeed.initialize takes no mpu for a PipelineModule"),
-                              ("parallel.ep", p.ep, "expert groups are not built inside pipeline stages"),
-                              ("parallel.tiled_mlp", int(p.tiled_mlp), "the stages run their own layer modules"),
-                              ("parallel.tiled_loss", int(p.tiled_loss), "the last stage runs its own loss")):
-        if value > 1 or (field.startswith("parallel.tiled") and value):
-            raise UsageError(f"{field} with parallel.pp {pp}: {why}", field,
-                             f"use {field}={'false' if 'tiled' in field else 1} with pipeline parallelism")
-    if recipe.lora.enabled:
-        raise UsageError("LoRA with parallel.pp: peft's wrapped layers are not split into pipeline stages here",
-                         "lora.r", "use lora.r=0 with pipeline parallelism, or parallel.pp=1")
-    stage = zero_stage(ds_config)
-    if stage > 1:
-        raise UsageError(f"ZeRO stage {stage} with parallel.pp {pp}: DeepSpeed's pipeline engine refuses stages 2 and "
-                         "3 (they partition gradients the pipeline schedule accumulates)", "deepspeed.config",
-                         "use --ds-config zero1 (or zero0, or your JSON at stage 0/1) with pipeline parallelism")
-    if uses_nvme(ds_config) or offload_device(ds_config, "param") != "none":
-        raise UsageError(f"NVMe or parameter offload with parallel.pp {pp}: only CPU optimizer offload runs with the "
-                         "pipeline engine", "deepspeed.config", "offload the optimizer to cpu, or drop the offload")
     clip = float(ds_config.get("gradient_clipping", 0) or 0)
-    if stage == 0 and train.precision == "fp32" and clip > 0:
+    if recipe.parallel.pp > 1 and zero_stage(ds_config) == 0 and recipe.train.precision == "fp32" and clip > 0:
         raise UsageError("fp32 ZeRO-0 with gradient clipping under parallel.pp: DeepSpeed 0.19.8 computes the global "
                          "gradient norm from the first stage's parameters only (runtime/utils.py clip_grad_norm_), so "
                          "clipping would scale by a wrong norm", "train.grad_clip",
                          "use --ds-config zero1 (its norm is right), or train.precision=bf16, or train.grad_clip=0")
-    if train.grad_accum < pp:
-        raise UsageError(f"train.grad_accum {train.grad_accum} is below parallel.pp {pp}: the pipeline needs at least "
-                         "one micro-batch per stage in flight", "train.grad_accum",
-                         f"use train.grad_accum >= {pp} (>= {4 * pp} keeps the bubble under 20%)")
-    if train.grad_accum < 4 * pp:
-        bubble = (pp - 1) / (train.grad_accum + pp - 1)
-        warn([f"warning: parallel.pp {pp} with train.grad_accum {train.grad_accum}: stages idle {bubble:.0%} of each "
-              f"step (the bubble (pp-1)/(m+pp-1)); train.grad_accum >= {4 * pp} keeps it under 20%"])

@@ -109,7 +109,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     ds_config = with_model_parallel(ds_config, recipe.parallel.tp, recipe.parallel.sp,
                                     llama_names=model_cfg.model_type in ("zero_lm", "llama"))
     ds_config = check_experts(recipe, model_cfg, world_size, ds_config)
-    check_pipeline(recipe, model_cfg, world_size, ds_config)
+    check_pipeline(recipe, ds_config)
     data = load_data(recipe, model_cfg.vocab_size)
     resume_from = checkpoint.check_resume(recipe, model_cfg, resume)
     universal = False
@@ -118,18 +118,19 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
         checkpoint.check_stage_change(resume_from, zero_stage(ds_config))
         checkpoint.check_tensor_parallel_change(resume_from, recipe.parallel.tp, world_size)
         checkpoint.check_expert_parallel_change(resume_from, recipe.parallel.ep, world_size)
-        universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config))
+        universal = checkpoint.needs_universal(checkpoint.read_state(resume_from), world_size, zero_stage(ds_config),
+                                               recipe.parallel.pp)
     return Resolved(recipe, world_size, model_cfg, sum(sizes), ds_name, ds_config, plan,
                     bool(train.activation_checkpointing or plan.activation_checkpointing),
                     resume_from, universal, data, source)
 
 
 def with_planned_parallel(recipe: Recipe, plan: Plan) -> Recipe:
-    """The recipe with what the plan added to its `parallel:` section: a sequence-parallel degree (auto only) and
-    tiling, both needed to fit. The run trains this recipe, and its checkpoints record it."""
+    """The recipe with what the plan added to its `parallel:` section: a sequence- or pipeline-parallel degree (auto
+    only) and tiling, each needed to fit. The run trains this recipe, and its checkpoints record it."""
     p = recipe.parallel
-    planned = dataclasses.replace(p, sp=plan.sequence_parallel, tiled_mlp=p.tiled_mlp or plan.tiled_mlp,
-                                  tiled_loss=p.tiled_loss or plan.tiled_loss)
+    planned = dataclasses.replace(p, sp=plan.sequence_parallel, pp=plan.pipeline_parallel,
+                                  tiled_mlp=p.tiled_mlp or plan.tiled_mlp, tiled_loss=p.tiled_loss or plan.tiled_loss)
     return recipe if planned == p else dataclasses.replace(recipe, parallel=planned)
 
 

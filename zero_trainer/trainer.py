@@ -351,6 +351,16 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
     return False
 
 
+def release_globals(run: Run) -> None:
+    """What a run leaves in process-wide state, put back so a later run in the same process starts clean: Ulysses'
+    attention function, and the model-parallel unit DeepSpeed keeps in deepspeed.utils.groups (a pipeline's grid
+    there makes the next plain engine ask it for ranks)."""
+    from deepspeed.utils import groups
+
+    parallelize.restore_attention(run.mpu, run.engine.module)
+    groups.mpu = None
+
+
 def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     """Train to train.max_steps; returns the summary, or None when stopped by a signal (after a checkpoint)."""
     t0 = time.time()
@@ -366,7 +376,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         bar.close()
         if run.saved_step != state["step"]:
             run.save()
-        parallelize.restore_attention(run.mpu, run.engine.module)
+        release_globals(run)
         if is_main:
             log.close()
             print(f"stopped at step {state['step']} of {train.max_steps}: checkpoint saved in "
@@ -382,7 +392,7 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
     # the pipeline engine runs fixed shapes: no generation of a growing prompt through it
     sample = sample_text(run, train.sample_tokens) if train.sample_tokens and not run.pipeline else ""
     peak = run.max_over_ranks(metrics.peak_memory_bytes())
-    parallelize.restore_attention(run.mpu, run.engine.module)
+    release_globals(run)
     losses = state["losses"]
     summary = {
         "params": run.params, "active_params": active_params(run.resolved.plan.model),
