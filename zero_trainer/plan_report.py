@@ -1,4 +1,4 @@
-"""`zero-trainer plan`: a plan shown as a table, as JSON, or as stacked bars. The memory model is plan.py."""
+"""`zero-trainer plan`: a plan shown as a table, as JSON, or as stacked bars. The memory model is plan/memory.py."""
 
 import json
 import sys

@@ -1,4 +1,4 @@
-"""Model presets: shapes as data (ZeroLMConfig fields), read by model.py to build and by plan.py to count.
+"""Model presets: shapes as data (ZeroLMConfig fields), read by model.py to build and by plan/shapes.py to count.
 
 Only shapes live here; optimisation knobs live in recipes. Parameter counts are unique parameters, a tied
 embedding counted once. No imports: `zero-trainer plan --model 70b` reads this without torch.
