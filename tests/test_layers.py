@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "zero_trainer"
 LAYERS = [
     {"errors", "presets", "shipped"},
-    {"recipe", "hardware", "ops", "metrics", "chat"},
+    {"recipe", "hardware", "probe", "ops", "metrics", "chat"},
     {"model", "data"},
     {"ds_config", "moe", "pretrained", "lora"},
     {"plan", "checkpoint"},

@@ -1,4 +1,4 @@
-"""`zero-trainer` (and `python -m zero_trainer`): train, plan, report, export, doctor.
+"""`zero-trainer` (and `python -m zero_trainer`): train, plan, report, export, doctor, probe.
 
 `train` checks everything it can in this process, then hands the ranks to DeepSpeed's own launcher.
 """
@@ -81,12 +81,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # Each subcommand's flags live beside the code it drives (add_subcommand in each module).
-    from . import doctor, export, plan_report, report
+    from . import doctor, export, plan_report, probe, report
 
     p = _Parser(prog="zero-trainer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     add_train_subcommand(sub)
-    for module in (plan_report, report, export, doctor):
+    for module in (plan_report, report, export, doctor, probe):
         module.add_subcommand(sub)
     return p
 

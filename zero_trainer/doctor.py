@@ -1,8 +1,8 @@
 """`zero-trainer doctor [--json]`: the environment traps that stall or break DeepSpeed runs, each with its fix.
 
 Versions, accelerator and comm backend, DeepSpeed's JIT ops (built in the torch extensions cache, or buildable
-here), stale JIT build locks, /dev/shm, free disk where the run writes, the `deepspeed` launcher. Exit 0 when all
-is well, 1 when something is wrong.
+here), stale JIT build locks, /dev/shm, free disk where the run writes, the `deepspeed` launcher, and this
+machine's cached `zero-trainer probe` speeds. Exit 0 when all is well, 1 when something is wrong.
 """
 
 import contextlib
@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import ops
+from . import ops, probe
 from .hardware import free_bytes, unwritable_reason
 from .recipe import Recipe, nvme_path_for
 from .shipped import REPO_ROOT
@@ -160,6 +160,14 @@ def _launcher(problems: list) -> str | None:
     return found
 
 
+def _probe() -> dict:
+    """This machine's cached speeds, if `zero-trainer probe` ran here; doctor never measures (it takes a minute)."""
+    fingerprint = probe.machine_fingerprint()
+    cached = probe.load_cached(fingerprint)
+    return {"path": str(probe.probe_path(fingerprint)), "probe": cached.to_dict() if cached else None,
+            "headline": cached.headline() if cached else None}
+
+
 def diagnose(output_dir: str, nvme_dir: str | None = None) -> dict:
     """Every check; returns the report, with `problems` a list of {what, fix} (empty when all is well)."""
     problems: list[dict] = []
@@ -177,6 +185,7 @@ def diagnose(output_dir: str, nvme_dir: str | None = None) -> dict:
             "disk": {"output_dir": _disk("output dir", "--output-dir", output_dir, problems),
                      "nvme_path": _disk("nvme path", "--nvme-path", nvme_dir, problems)},
             "launcher": _launcher(problems),
+            "probe": _probe(),
         }
     report["problems"] = problems
     report["ok"] = not problems
@@ -185,6 +194,12 @@ def diagnose(output_dir: str, nvme_dir: str | None = None) -> dict:
 
 def _gib(n) -> str:
     return "?" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def _probe_line(speeds: dict) -> str:
+    if not speeds["probe"]:
+        return "no speeds cached for this machine: run `zero-trainer probe` (under a minute) for step-time estimates"
+    return f"{speeds['headline']}\n             measured {speeds['probe']['measured_at']}, cached in {speeds['path']}"
 
 
 def format_report(report: dict) -> str:
@@ -203,6 +218,7 @@ def format_report(report: dict) -> str:
         f"/dev/shm     {_gib(shm['free_bytes'])} free of {_gib(shm['total_bytes'])}",
         "disk         " + "; ".join(f"{d['path']}: {_gib(d['free_bytes'])} free" for d in disk.values()),
         f"launcher     {report['launcher'] or 'not found'}",
+        "probe        " + _probe_line(report["probe"]),
     ]
     lines += [f"problem: {p['what']}: {p['fix']}" for p in report["problems"]]
     lines.append("all well" if report["ok"] else f"{len(report['problems'])} problem(s)")
