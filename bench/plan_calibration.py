@@ -38,17 +38,20 @@ OVERHEAD_MODEL = {"model_type": "zero_lm", "hidden_size": 8, "intermediate_size"
 OVERHEAD = "overhead-4k"
 
 
-# Model-parallel rows: "" (none), "tp2" (AutoTP, parallel.tp=2), "sp2" (Ulysses, parallel.sp=2).
-PARALLEL = {"": [], "tp2": ["parallel.tp=2"], "sp2": ["parallel.sp=2"]}
+# Model-parallel rows: "" (none), "tp2" (AutoTP, parallel.tp=2), "sp2" (Ulysses, parallel.sp=2), "pp2" (DeepSpeed's
+# pipeline, parallel.pp=2, two micro-batches a step in flight).
+PARALLEL = {"": [], "tp2": ["parallel.tp=2"], "sp2": ["parallel.sp=2"], "pp2": ["parallel.pp=2", "train.grad_accum=2"]}
 
 
 def row_key(row: dict) -> tuple:
     return (row["model"], row["rung"], row["world_size"], row["precision"], row["activation_checkpointing"],
-            row.get("parallel", ""))
+            row.get("parallel", ""), row.get("seq_len", SEQ_LEN), row.get("micro_batch", MICRO_BATCH))
 
 
-def run_dir(root: Path, model: str, rung: str, world_size: int, precision: str, ac: bool, par: str = "") -> Path:
-    return root / f"{model}_{rung}_ws{world_size}_{precision}{'_ac' if ac else ''}{'_' + par if par else ''}"
+def run_dir(root: Path, model: str, rung: str, world_size: int, precision: str, ac: bool, par: str = "",
+            seq: int = SEQ_LEN, micro: int = MICRO_BATCH) -> Path:
+    shape = "" if (seq, micro) == (SEQ_LEN, MICRO_BATCH) else f"_s{seq}_m{micro}"
+    return root / f"{model}_{rung}_ws{world_size}_{precision}{'_ac' if ac else ''}{'_' + par if par else ''}{shape}"
 
 
 def model_args(model: str, root: Path) -> list[str]:
@@ -60,10 +63,10 @@ def model_args(model: str, root: Path) -> list[str]:
     return ["model.preset=null", f"model.config={config}"]
 
 
-def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, par: str, root: Path,
-            reuse: bool) -> dict:
+def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, par: str, seq: int, micro: int,
+            root: Path, reuse: bool) -> dict:
     """Train one row for real (or reuse its summary.json); returns the summary."""
-    out = run_dir(root, model, rung, world_size, precision, ac, par)
+    out = run_dir(root, model, rung, world_size, precision, ac, par, seq, micro)
     summary = out / "summary.json"
     if reuse and summary.is_file():
         return json.loads(summary.read_text())
@@ -72,7 +75,8 @@ def measure(model: str, rung: str, world_size: int, precision: str, ac: bool, pa
         cmd = [sys.executable, "-m", "zero_trainer", "train", "--recipe", "recipes/debug.yaml", "--ds-config", rung,
                "--num-procs", str(world_size), "--output-dir", str(out),
                *model_args(model, root), f"train.precision={precision}",
-               f"train.activation_checkpointing={str(ac).lower()}", *RUN_ARGS, *PARALLEL[par]]
+               f"train.activation_checkpointing={str(ac).lower()}", *RUN_ARGS, *PARALLEL[par],
+               f"data.seq_len={seq}", f"train.micro_batch={micro}"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)  # it sweeps its shm itself
         if proc.returncode == 0 and summary.is_file():
             return json.loads(summary.read_text())
@@ -94,7 +98,7 @@ FIXED_KNOBS = {"zero_optimization.sub_group_size": 10**9, "zero_optimization.sta
 
 
 def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cpu_mem: int | None = None,
-            knobs: dict | None = None, par: str = "") -> int:
+            knobs: dict | None = None, par: str = "", seq: int = SEQ_LEN, micro: int = MICRO_BATCH) -> int:
     """The planner's per-rank bytes on a CPU-only node with `world_size` ranks and `cpu_mem` of RAM, above the
     process baseline: with the knobs the run used when given (a row's `sized`), else sized for that node."""
     from zero_trainer import plan
@@ -103,8 +107,9 @@ def predict(model: str, rung: str, world_size: int, precision: str, ac: bool, cp
     shape = plan.shape_from_config(_config(model), name=model) if model == OVERHEAD else plan.model_shape(model)
     hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=cpu_mem or plan.physical_memory_bytes(),
                        nvme=2**50)  # disk is not what a row measures (the runs had room)
-    workload = plan.Workload(SEQ_LEN, MICRO_BATCH, precision, tp=2 if par == "tp2" else 1,
-                             sp=2 if par == "sp2" else 1)
+    workload = plan.Workload(seq, micro, precision, tp=2 if par == "tp2" else 1,
+                             sp=2 if par == "sp2" else 1,
+                             **({"pp": 2, "micro_batches": 2} if par == "pp2" else {}))
     raw = load_ds_config(rung)[1]
     if knobs:
         raw = fill_sized(raw, knobs)[0]
@@ -125,7 +130,7 @@ def physical_memory_bytes() -> int:
     return probe()
 
 
-def make_row(model, rung, world_size, precision, ac, par, summary: dict | None, old: dict | None) -> dict:
+def make_row(model, rung, world_size, precision, ac, par, seq, micro, summary: dict | None, old: dict | None) -> dict:
     if summary is not None:
         measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
         extra = {"rss_before_model_bytes": summary["rss_before_model_bytes"], "wall_s": round(summary["wall_s"], 1),
@@ -135,9 +140,11 @@ def make_row(model, rung, world_size, precision, ac, par, summary: dict | None, 
         measured, extra = old["measured_bytes"], {k: old[k] for k in ("rss_before_model_bytes", "wall_s", "params",
                                                                        "measured_on", "cpu_mem_bytes", "sized")
                                                   if k in old}
-    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"), extra.get("sized"), par)
+    predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"), extra.get("sized"), par,
+                        seq, micro)
+    shape = {} if (seq, micro) == (SEQ_LEN, MICRO_BATCH) else {"seq_len": seq, "micro_batch": micro}
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
-            "activation_checkpointing": ac, **({"parallel": par} if par else {}),
+            "activation_checkpointing": ac, **({"parallel": par} if par else {}), **shape,
             "predicted_bytes": predicted, "measured_bytes": measured,
             "ratio": round(predicted / measured, 4), **extra}
 
@@ -150,21 +157,29 @@ def default_rows() -> list[tuple]:
     rows += [("minimind-104m", r, ws, "fp32", False, "") for r in RUNGS for ws in WORLD_SIZES]
     rows += [("minimind-104m", r, 1, "bf16", True, "") for r in ("zero0", "zero2", "zero3")]
     rows += [(OVERHEAD, r, ws, "bf16", False, "") for r in RUNGS for ws in WORLD_SIZES]
+    # long rows: activations (and with checkpointing, the recompute) at micro-batch 1 to 16 of 1024 tokens, where
+    # they dominate the peak: the activation-checkpointing term and glibc's heap retention (plan.heap_retained_bytes)
+    rows += [("minimind-26m", "zero0", 1, "fp32", True, "", 1024, m) for m in (1, 2, 4, 8, 16)]
+    rows += [("minimind-26m", "zero0", 1, "fp32", False, "", 1024, m) for m in (2, 4)]
     # tensor and sequence parallelism at 2 ranks: AutoTP on ZeRO-1, Ulysses on ZeRO-3 (ALST's stage)
     rows += [("minimind-26m", "zero1", 2, "bf16", False, "tp2"), ("minimind-26m", "zero3", 2, "bf16", False, "sp2")]
+    # pipeline parallelism at 2 ranks (2 stages, dp 1): ZeRO-1, and ZeRO-0 in bf16 (DeepSpeed's BF16_Optimizer)
+    rows += [("minimind-26m", "zero1", 2, "bf16", False, "pp2"), ("minimind-26m", "zero0", 2, "bf16", False, "pp2")]
     # a billion parameters on the rung that holds it here; fp32, because a CPU without AVX-512 multiplies bf16 at
     # ~1 GFLOP/s (a bf16 1b step would take most of an hour)
     rows += [("1b", "zero3_nvme", 1, "fp32", False, "")]
-    return rows
+    return [r if len(r) == 8 else (*r, SEQ_LEN, MICRO_BATCH) for r in rows]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':14} {'rung':14} {'ws':>2} {'prec':4} {'AC':3} {'predicted':>10} {'measured':>10} {'ratio':>6}",
-             "-" * 70]
+    lines = [f"{'model':14} {'rung':14} {'ws':>2} {'prec':4} {'AC':3} {'par':3} {'seq×b':>7} {'predicted':>10} "
+             f"{'measured':>10} {'ratio':>6}", "-" * 82]
     for r in rows:
         flag = "" if abs(r["ratio"] - 1) <= BOUND else "  <-- outside ±15%"
+        shape = f"{r.get('seq_len', SEQ_LEN)}×{r.get('micro_batch', MICRO_BATCH)}"
         lines.append(f"{r['model']:14} {r['rung']:14} {r['world_size']:>2} {r['precision']:4} "
-                     f"{'yes' if r['activation_checkpointing'] else 'no':3} {r['predicted_bytes'] / 2**20:8.0f}Mi "
+                     f"{'yes' if r['activation_checkpointing'] else 'no':3} {r.get('parallel', ''):3} {shape:>7} "
+                     f"{r['predicted_bytes'] / 2**20:8.0f}Mi "
                      f"{r['measured_bytes'] / 2**20:8.0f}Mi {r['ratio']:6.3f}{flag}")
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
     lines.append(f"worst: {worst['model']} {worst['rung']} ws{worst['world_size']} {worst['precision']} "
@@ -219,7 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--rungs", nargs="+", choices=RUNGS)
     p.add_argument("--world-sizes", nargs="+", type=int, choices=WORLD_SIZES)
     p.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"))
-    p.add_argument("--parallel", nargs="+", choices=("none", "tp2", "sp2"), help="model-parallel rows")
+    p.add_argument("--parallel", nargs="+", choices=("none", "tp2", "sp2", "pp2"), help="model-parallel rows")
     p.add_argument("--predict-only", action="store_true", help="keep the measurements in the results file, re-predict")
     p.add_argument("--reuse", action="store_true", help="reuse summary.json files already under --runs-dir")
     p.add_argument("--runs-dir", default="/tmp/zt_plan_calibration", help="where the runs write")
@@ -237,15 +252,16 @@ def main(argv=None) -> int:
               and (not args.parallel or (row[5] or "none") in args.parallel)]
     root = Path(args.runs_dir)
     new_rows = dict(old_rows)
-    for model, rung, ws, precision, ac, par in wanted:
-        key = (model, rung, ws, precision, ac, par)
+    for model, rung, ws, precision, ac, par, seq, micro in wanted:
+        key = (model, rung, ws, precision, ac, par, seq, micro)
         if args.predict_only:
             if key in old_rows:
                 new_rows[key] = make_row(*key, None, old_rows[key])
             continue
         t = time.time()
-        print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} {par} ...", end=" ", flush=True)
-        summary = measure(model, rung, ws, precision, ac, par, root, args.reuse)
+        print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} {par} seq {seq} micro {micro} ...", end=" ",
+              flush=True)
+        summary = measure(model, rung, ws, precision, ac, par, seq, micro, root, args.reuse)
         new_rows[key] = make_row(*key, summary, None)
         print(f"measured {new_rows[key]['measured_bytes'] / 2**20:.0f} MiB, predicted "
               f"{new_rows[key]['predicted_bytes'] / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)

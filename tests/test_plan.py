@@ -404,9 +404,14 @@ def test_committed_calibration_rows_are_within_bound():
     for r in rows:
         assert abs(r["ratio"] - 1) <= cal.BOUND, r
         predicted = cal.predict(r["model"], r["rung"], r["world_size"], r["precision"], r["activation_checkpointing"],
-                                r.get("cpu_mem_bytes"), r.get("sized"), r.get("parallel", ""))
+                                r.get("cpu_mem_bytes"), r.get("sized"), r.get("parallel", ""),
+                                r.get("seq_len", cal.SEQ_LEN), r.get("micro_batch", cal.MICRO_BATCH))
         assert abs(predicted / r["measured_bytes"] - 1) <= cal.BOUND, (r, predicted)
-    assert {r.get("parallel") for r in rows} >= {"tp2", "sp2"}  # AutoTP and Ulysses rows, measured like the rest
+    # AutoTP, Ulysses and pipeline rows, measured like the rest
+    assert {r.get("parallel") for r in rows} >= {"tp2", "sp2", "pp2"}
+    # activation checkpointing where activations dominate: seq 1024, micro-batch 1 to 16
+    long = {r["micro_batch"] for r in rows if r.get("seq_len") == 1024 and r["activation_checkpointing"]}
+    assert long >= {1, 4, 16}
 
 
 @pytest.mark.multiproc

@@ -119,7 +119,22 @@ def pipeline_model(model, pp: int, checkpointing: bool):
     layers.append(NormPipe(norm))
     layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, model.model.embed_tokens, forward_fn=tied_head)
                   if cfg.tie_word_embeddings else HeadPipe(model.lm_head))
-    return PipelineModule(layers, num_stages=pp, loss_fn=next_token_loss, partition_method="type:DecoderLayerPipe")
+    pipe = PipelineModule(layers, num_stages=pp, loss_fn=next_token_loss, partition_method="type:DecoderLayerPipe")
+    release_other_stages(pipe, layers)
+    return pipe
+
+
+def release_other_stages(pipe, layers) -> None:
+    """Free the weights of the layers another stage runs: the PipelineModule keeps its whole layer list (and specs keep
+    their source modules), so without this every rank would hold the whole model in fp32 beside its stage."""
+    local = {id(p) for p in pipe.parameters()}
+    for layer in layers:
+        args = [layer] if isinstance(layer, nn.Module) else layer.module_args
+        modules = [a for a in args if isinstance(a, nn.Module)]
+        for module in modules:
+            for param in module.parameters():
+                if id(param) not in local:
+                    param.data = torch.empty(0, dtype=param.dtype)
 
 
 def hf_names(num_layers: int, tied: bool) -> dict[str, str]:

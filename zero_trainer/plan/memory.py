@@ -40,7 +40,11 @@ and two w-byte tensors each; attention saves q and the output (2wh) and k and v 
 on GPU, the flash kernel on CPU: measured, identical bytes for s = 512·b = 4 and s = 2048·b = 1). The loss head
 peaks at 12 bytes a logit (b·s·V·12: the fp32 logits, their log-softmax and its gradient — measured 12.2-12.5 for
 bf16 and fp32 alike), often the largest single term.
-With activation checkpointing each layer keeps only its input (w·s·b·h) and one layer is recomputed at a time.
+With activation checkpointing each layer keeps only its input (w·s·b·h) and one layer is recomputed at a time,
+after the loss head's peak: the larger of the two counts.
+On a CPU, glibc serves tensors below its mmap threshold (at most 32 MiB) from the heap and keeps their pages when they
+are freed: HEAP_RETAINED (1.75) times a layer's saved tensors below that size stay resident, once more with
+checkpointing (`heap_retained_bytes`; fitted on seq-1024 runs of micro-batch 1-16, where it was 8-35% of the peak).
 
 Tensor and sequence parallelism (parallel.tp / parallel.sp, `plan --tp / --sp`; world = dp × tp × sp):
   - AutoTP (tensor_parallel.autotp_size with DeepSpeed's llama preset, module_inject/autotp_config.py) splits
@@ -122,6 +126,8 @@ OFFLOAD_EXTRA = 4
 # Tiling (parallel.tiled_loss / tiled_mlp): the runtime imports these, so the run cuts the tiles the plan counted.
 LOSS_TILE_LOGIT_BYTES = GiB  # fp32 logits of one loss tile (ALST's 1 GiB slices); a tile peaks at LOGIT_BYTES a logit
 ALL_TO_ALL_COPIES = 2  # Ulysses: a contiguous send buffer and the received tensor exist together, per q/k/v/output
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc: larger allocations are mmapped, and go back to the OS when freed
+HEAP_RETAINED = 1.75  # a layer's heap-served activations kept resident on CPU, in units of them (heap_retained_bytes)
 
 
 def loss_tiles(tokens: int, vocab: int, tile_bytes: int | None = None) -> int:
@@ -143,10 +149,12 @@ def activation_bytes(shape: ModelShape, workload: Workload, checkpointing: bool)
     return sum(activation_terms(shape, workload, checkpointing).values())
 
 
-def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool) -> dict:
+def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool, loss_head: bool = True) -> dict:
     """activation_bytes by term: `layers` (what every layer keeps for its backward: its input with checkpointing),
     `live` (the layer being recomputed or run backward, beyond what it keeps), `all_to_all` (Ulysses' buffers),
-    `loss` (the loss head with the final norm and rope)."""
+    `loss` (the loss head with the final norm and rope). With checkpointing the loss head's peak is over before the
+    first layer is recomputed, so `live` counts only what a recomputed layer holds beyond it: the larger of the two
+    (loss_head=False: a pipeline stage without the head)."""
     s, b, w, tp = workload.local_seq_len, workload.micro_batch, workload.weight_bytes, workload.tp
     h, f, H, V = shape.hidden, shape.ffn, shape.heads, shape.vocab
     tokens, hd = s * b, h // H
@@ -172,7 +180,31 @@ def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool)
     else:
         logits = tokens * LOGIT_BYTES * V
     terms["loss"] = logits + tokens * ((4 + 2 * w) * h + 2 * w * hd)  # logits, final norm, rope
+    if checkpointing and loss_head:
+        terms["live"] = max(0, terms["live"] - terms["loss"])
     return terms
+
+
+def layer_tensor_bytes(shape: ModelShape, workload: Workload) -> list[int]:
+    """Each tensor one decoder layer saves for its backward, in bytes (the count activation_terms sums): the norms'
+    fp32 inputs and w-byte outputs, q, the attention output, k and v, the logsumexp, the four ffn-wide tensors (one
+    tile's with TiledMLP)."""
+    s, b, w, tp = workload.local_seq_len, workload.micro_batch, workload.weight_bytes, workload.tp
+    h, f, H = shape.hidden, shape.ffn, shape.heads
+    tokens, kv_width = s * b, shape.kv_heads * (h // H)
+    mlp_tokens = b * math.ceil(s / mlp_tiles(s, h)) if workload.tiled_mlp else tokens
+    per_token = [4 * h] * 2 + [w * h] * 4 + [w * h // tp] * 2 + [w * kv_width // tp] * 2 + [4 * H // tp]
+    return [tokens * n for n in per_token] + [mlp_tokens * math.ceil(w * f / tp)] * 4
+
+
+def heap_retained_bytes(shape: ModelShape, workload: Workload, checkpointing: bool) -> int:
+    """CPU only: what glibc's heap keeps of the tensors a layer allocates and frees in every forward and backward.
+    Below MMAP_THRESHOLD_MAX they come from the heap, whose freed pages stay resident (the peak RSS counts them);
+    larger ones are mmapped and given back. HEAP_RETAINED times a layer's saved tensors below the threshold, once
+    more with checkpointing (its recompute), fitted on minimind-26m (fp32, seq 1024, micro-batch 1-16 with
+    checkpointing, 2 and 4 without: bench/results/plan_calibration.json's seq-1024 rows)."""
+    small = sum(n for n in layer_tensor_bytes(shape, workload) if n < MMAP_THRESHOLD_MAX)
+    return int((HEAP_RETAINED + int(checkpointing)) * small)
 
 
 @dataclass
@@ -296,7 +328,6 @@ def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str,
     return dev, cpu, nvme
 
 
-MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc: larger allocations are mmapped, and go back to the OS when freed
 
 
 def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
@@ -311,6 +342,17 @@ def init_retained_bytes(shape: ModelShape, rung: Rung, precision: str) -> int:
         return 0
     sizes = shape.param_sizes or (shape.params,)
     return 4 * sum(n for n in sizes if 4 * n <= MMAP_THRESHOLD_MAX)
+
+
+def pipeline_init_retained_bytes(shape: ModelShape, stage: ModelShape, rung: Rung, precision: str) -> int:
+    """init_retained_bytes for a pipeline stage's rank: it builds the whole model (so every stage starts from the same
+    weights) and frees the layers other stages run, so the heap keeps the whole model's small tensors (fp32 ZeRO-0
+    trains its own stage's in place)."""
+    whole = init_retained_bytes(shape, dataclasses.replace(rung, stage=max(rung.stage, 1)), precision)
+    kept = 0
+    if rung.stage == 0 and precision == "fp32":
+        kept = 4 * sum(n for n in (stage.param_sizes or (stage.params,)) if 4 * n <= MMAP_THRESHOLD_MAX)
+    return max(0, whole - kept)
 
 
 def load_peak_bytes(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload) -> int:
@@ -360,6 +402,7 @@ def estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, ch
     host = HOST_PROCESS_BYTES + RUNTIME_BYTES[rung.stage]  # the rank's process itself, on the CPU
     cpu_rank = {k: v for k, v in cpu.items() if v}
     if hw.cpu_only:  # one memory: what is "offloaded" stays in the same RAM, in the same process
+        device["activations"] += heap_retained_bytes(shape, workload, checkpointing)
         for key, value in cpu.items():
             device[key] = device.get(key, 0) + value
         device["buffers"] += host + init_retained_bytes(shape, rung, workload.precision)
@@ -391,9 +434,10 @@ def pipeline_estimate(shape: ModelShape, rung: Rung, hw: Hardware, workload: Wor
         device["activations"] = sum(pipeline_activation_terms(shape, workload, checkpointing, st).values())
         device["buffers"] = dev["buffers"]
         if hw.cpu_only:  # one memory, as in estimate()
+            device["activations"] += heap_retained_bytes(shape, workload, checkpointing)
             for key, value in cpu.items():
                 device[key] = device.get(key, 0) + value
-            device["buffers"] += host + init_retained_bytes(st.shape, rung, workload.precision)
+            device["buffers"] += host + pipeline_init_retained_bytes(shape, st.shape, rung, workload.precision)
             in_host.append(sum(device.values()))
         else:
             device["buffers"] += DEVICE_RUNTIME_BYTES
@@ -521,7 +565,7 @@ def pipeline_activation_terms(shape: ModelShape, workload: Workload, checkpointi
     its backward — each a [b, s, h] tensor in the run's dtype with the int64 position ids; the first stage's input
     slots hold token and position ids, the last stage's output slots its labels; plus one receive buffer for
     activations (not on the first stage) and one for gradients (not on the last))."""
-    one = activation_terms(dataclasses.replace(shape, layers=1), workload, checkpointing)
+    one = activation_terms(dataclasses.replace(shape, layers=1), workload, checkpointing, loss_head=stage.last)
     tokens, w, h = workload.local_seq_len * workload.micro_batch, workload.weight_bytes, shape.hidden
     rope = tokens * 2 * w * (h // shape.heads)
     activation, ids = w * tokens * h, INDEX_BYTES * tokens
