@@ -188,18 +188,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The README's table: one line per model, precision, AC and rung; measured / predicted MiB (ratio) per ws."""
+    """The README's table: one line per model, precision, AC, rung, model parallelism and seq × micro-batch;
+    measured / predicted MiB (ratio) per world size."""
     cell = lambda r: (f"{r['measured_bytes'] / 2**20:.0f} / {r['predicted_bytes'] / 2**20:.0f} "  # noqa: E731
                       f"({r['ratio']:.2f})") if r else "—"
-    lines = ["| model | precision | AC | rung | 1 rank: measured / predicted MiB (predicted ÷ measured) | 2 ranks |",
-             "|---|---|---|---|---:|---:|"]
+    lines = ["| model | precision | AC | rung | parallel | seq × micro-batch | 1 rank: measured / predicted MiB "
+             "(predicted ÷ measured) | 2 ranks |", "|---|---|---|---|---|---|---:|---:|"]
     groups: dict[tuple, dict] = {}  # first-seen order; world size -> row
     for r in rows:
-        groups.setdefault((r["model"], r["precision"], r["activation_checkpointing"], r["rung"]), {})[
-            r["world_size"]] = r
+        key = (r["model"], r["precision"], r["activation_checkpointing"], r["rung"], r.get("parallel", ""),
+               f"{r.get('seq_len', SEQ_LEN)} × {r.get('micro_batch', MICRO_BATCH)}")
+        groups.setdefault(key, {})[r["world_size"]] = r
     for key, by_ws in groups.items():
-        lines.append(f"| {key[0]} | {key[1]} | {'yes' if key[2] else 'no'} | {key[3]} | {cell(by_ws.get(1))} | "
-                     f"{cell(by_ws.get(2))} |")
+        lines.append(f"| {key[0]} | {key[1]} | {'yes' if key[2] else 'no'} | {key[3]} | {key[4] or '—'} | {key[5]} | "
+                     f"{cell(by_ws.get(1))} | {cell(by_ws.get(2))} |")
     return "\n".join(lines)
 
 

@@ -121,7 +121,7 @@ REFUSED = {
     "fp32_zero0_clipping": (["deepspeed.config=zero0"], _all("fp32 ZeRO-0 with gradient clipping", "train.grad_clip")),
     "accumulation": (["train.grad_accum=1"], _all("below pp 2", "train.grad_accum")),
     "layers": (["parallel.pp=8", "train.grad_accum=8", "world_size=8"], _all("pp 8", "4 decoder layers")),
-    "world": (["parallel.tp=2"], _all("does not divide the world size 2")),
+    "world": (["parallel.tp=2"], _all("parallel.tp 2 x parallel.pp 2 = 4 does not divide the world size 2")),
     "moe": (["model.preset=debug-moe"], _all("pp 2", "mixture")),
     "lora": (["lora.r=4"], _all("pp 2 with LoRA")),
     "tiling": (["parallel.tiled_loss=true"], _all("pp 2 with tiling")),

@@ -54,9 +54,10 @@ def check_parallel(recipe, model_cfg, world_size: int) -> None:
     heads = getattr(model_cfg, "num_attention_heads", None)
     kv_heads = getattr(model_cfg, "num_key_value_heads", None) or heads
     if world_size % p.model_parallel:
-        degrees = " x ".join(f"parallel.{k} {getattr(p, k)}" for k in ("tp", "sp", "pp") if getattr(p, k) > 1)
-        field = next(f"parallel.{k}" for k in ("tp", "sp", "pp") if getattr(p, k) > 1)
-        raise UsageError(f"{degrees} = {p.model_parallel} does not divide the world size {world_size}", field,
+        used = [k for k in ("tp", "sp", "pp") if getattr(p, k) > 1]
+        degrees = " x ".join(f"parallel.{k} {getattr(p, k)}" for k in used)
+        product = f" = {p.model_parallel}" if len(used) > 1 else ""
+        raise UsageError(f"{degrees}{product} does not divide the world size {world_size}", f"parallel.{used[0]}",
                          f"launch a multiple of {p.model_parallel} ranks, or lower the degrees")
     if p.tp > 1 and p.sp > 1:
         raise UsageError("parallel.tp and parallel.sp together: AutoTP replaces the engine's model-parallel groups, "

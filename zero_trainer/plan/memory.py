@@ -41,7 +41,8 @@ on GPU, the flash kernel on CPU: measured, identical bytes for s = 512·b = 4 an
 peaks at 12 bytes a logit (b·s·V·12: the fp32 logits, their log-softmax and its gradient — measured 12.2-12.5 for
 bf16 and fp32 alike), often the largest single term.
 With activation checkpointing each layer keeps only its input (w·s·b·h) and one layer is recomputed at a time,
-after the loss head's peak: the larger of the two counts.
+after the loss head's peak: the larger of the two counts, the recomputed layer with the gradients its backward
+creates beside its saved tensors (RECOMPUTE_GRADIENTS, 0.37 of them: fitted on a GPU at 32k-128k tokens).
 On a CPU, glibc serves tensors below its mmap threshold (at most 32 MiB) from the heap and keeps their pages when they
 are freed: HEAP_RETAINED (1.75) times a layer's saved tensors below that size stay resident, once more with
 checkpointing (`heap_retained_bytes`; fitted on seq-1024 runs of micro-batch 1-16, where it was 8-35% of the peak).
@@ -127,6 +128,9 @@ OFFLOAD_EXTRA = 4
 LOSS_TILE_LOGIT_BYTES = GiB  # fp32 logits of one loss tile (ALST's 1 GiB slices); a tile peaks at LOGIT_BYTES a logit
 ALL_TO_ALL_COPIES = 2  # Ulysses: a contiguous send buffer and the received tensor exist together, per q/k/v/output
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc: larger allocations are mmapped, and go back to the OS when freed
+# With checkpointing, the gradients a recomputed layer's backward creates beside its saved tensors, in units of them:
+# fitted on one H200 (bench/results/long_context_gpu.json: 1b at 32k-128k tokens with the loss tiled, 0.35-0.39)
+RECOMPUTE_GRADIENTS = 0.37
 HEAP_RETAINED = 1.75  # a layer's heap-served activations kept resident on CPU, in units of them (heap_retained_bytes)
 
 
@@ -180,8 +184,10 @@ def activation_terms(shape: ModelShape, workload: Workload, checkpointing: bool,
     else:
         logits = tokens * LOGIT_BYTES * V
     terms["loss"] = logits + tokens * ((4 + 2 * w) * h + 2 * w * hd)  # logits, final norm, rope
-    if checkpointing and loss_head:
-        terms["live"] = max(0, terms["live"] - terms["loss"])
+    if checkpointing:  # a recomputed layer's backward: its saved tensors and the gradients it computes from them
+        terms["live"] = int(terms["live"] * (1 + RECOMPUTE_GRADIENTS))
+        if loss_head:
+            terms["live"] = max(0, terms["live"] - terms["loss"])
     return terms
 
 
