@@ -33,6 +33,8 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@$(MAKE) --no-print-directory ops
+	# this machine's rates for the planner's step times (zero-trainer probe: ~15 s, cached per machine and install)
+	$(PY) -m zero_trainer probe > /dev/null
 	touch $(STAMP)
 
 # Build DeepSpeed's CPU ops once (cached under $$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions);

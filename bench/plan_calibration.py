@@ -27,6 +27,7 @@ MODELS = ("debug", "minimind-26m", "minimind-104m")
 RUNGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_nvme")
 WORLD_SIZES = (1, 2)
 BOUND = 0.15  # |predicted / measured - 1| allowed on every row
+SPEED_MEDIAN_BOUND, SPEED_WORST_BOUND = 0.15, 0.25  # the step-time model: median and worst |predicted/measured - 1|
 SEQ_LEN, MICRO_BATCH = 128, 4
 RUN_ARGS = ["train.max_steps=3", "train.eval_batches=1", "train.eval_every=0", "train.sample_tokens=0",
             f"data.seq_len={SEQ_LEN}", "data.max_documents=400", f"train.micro_batch={MICRO_BATCH}",
@@ -130,7 +131,25 @@ def physical_memory_bytes() -> int:
     return probe()
 
 
-def make_row(model, rung, world_size, precision, ac, par, seq, micro, summary: dict | None, old: dict | None) -> dict:
+def predict_speed(model: str, rung: str, world_size: int, precision: str, ac: bool, par: str, seq: int, micro: int,
+                  knobs: dict | None, probe) -> float:
+    """The planner's seconds per optimizer step for a row's run on this CPU machine, from `probe`."""
+    from zero_trainer import plan
+    from zero_trainer.ds_config import fill_sized, load_ds_config
+
+    shape = plan.shape_from_config(_config(model), name=model) if model == OVERHEAD else plan.model_shape(model)
+    hw = plan.Hardware(nodes=1, gpus_per_node=world_size, gpu_mem=None, cpu_mem=physical_memory_bytes(), nvme=2**50)
+    workload = plan.Workload(seq, micro, precision, tp=2 if par == "tp2" else 1, sp=2 if par == "sp2" else 1,
+                             **({"pp": 2, "micro_batches": 2} if par == "pp2" else {}))
+    raw = load_ds_config(rung)[1]
+    if knobs:
+        raw = fill_sized(raw, knobs)[0]
+    sized = plan.sized_rung(rung, raw, shape, workload, hw)
+    return plan.step_time(shape, sized, world_size, True, workload, ac, probe).seconds
+
+
+def make_row(model, rung, world_size, precision, ac, par, seq, micro, summary: dict | None, old: dict | None,
+             probe=None) -> dict:
     if summary is not None:
         measured = summary["peak_mem_bytes"] - summary["rss_before_model_bytes"]
         extra = {"rss_before_model_bytes": summary["rss_before_model_bytes"], "wall_s": round(summary["wall_s"], 1),
@@ -143,10 +162,16 @@ def make_row(model, rung, world_size, precision, ac, par, seq, micro, summary: d
     predicted = predict(model, rung, world_size, precision, ac, extra.get("cpu_mem_bytes"), extra.get("sized"), par,
                         seq, micro)
     shape = {} if (seq, micro) == (SEQ_LEN, MICRO_BATCH) else {"seq_len": seq, "micro_batch": micro}
+    speed = {}
+    step_s = (summary or {}).get("step_s") or (old or {}).get("measured_step_s")
+    if step_s and probe is not None:  # the median step after the first (summary.json step_s)
+        predicted_s = predict_speed(model, rung, world_size, precision, ac, par, seq, micro, extra.get("sized"), probe)
+        speed = {"predicted_step_s": round(predicted_s, 4), "measured_step_s": round(step_s, 4),
+                 "speed_ratio": round(predicted_s / step_s, 4)}
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
             "activation_checkpointing": ac, **({"parallel": par} if par else {}), **shape,
             "predicted_bytes": predicted, "measured_bytes": measured,
-            "ratio": round(predicted / measured, 4), **extra}
+            "ratio": round(predicted / measured, 4), **extra, **speed}
 
 
 def default_rows() -> list[tuple]:
@@ -171,6 +196,28 @@ def default_rows() -> list[tuple]:
     return [r if len(r) == 8 else (*r, SEQ_LEN, MICRO_BATCH) for r in rows]
 
 
+def step_probe(old: dict, predict_only: bool):
+    """The probe step times are predicted from: the results file's own (re-predicting, so the committed figures
+    do not move with this machine's noise), else this machine's cached or newly measured one."""
+    from zero_trainer.probe import Probe, load_or_measure
+
+    if predict_only and old.get("probe"):
+        return Probe.from_dict(old["probe"])
+    return load_or_measure()
+
+
+def speed_summary(rows: list[dict]) -> dict:
+    """The step-time model's errors over the rows that have a measured step time."""
+    import statistics
+
+    errors = [abs(r["speed_ratio"] - 1) for r in rows if "speed_ratio" in r]
+    if not errors:
+        return {}
+    return {"rows": len(errors), "median_abs_error": round(statistics.median(errors), 4),
+            "worst_abs_error": round(max(errors), 4), "bound_median": SPEED_MEDIAN_BOUND,
+            "bound_worst": SPEED_WORST_BOUND}
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'model':14} {'rung':14} {'ws':>2} {'prec':4} {'AC':3} {'par':3} {'seq×b':>7} {'predicted':>10} "
              f"{'measured':>10} {'ratio':>6}", "-" * 82]
@@ -180,7 +227,9 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['model']:14} {r['rung']:14} {r['world_size']:>2} {r['precision']:4} "
                      f"{'yes' if r['activation_checkpointing'] else 'no':3} {r.get('parallel', ''):3} {shape:>7} "
                      f"{r['predicted_bytes'] / 2**20:8.0f}Mi "
-                     f"{r['measured_bytes'] / 2**20:8.0f}Mi {r['ratio']:6.3f}{flag}")
+                     f"{r['measured_bytes'] / 2**20:8.0f}Mi {r['ratio']:6.3f}{flag}"
+                     + (f"   step {r['predicted_step_s']:.3g} / {r['measured_step_s']:.3g} s ({r['speed_ratio']:.2f})"
+                        if "speed_ratio" in r else ""))
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
     lines.append(f"worst: {worst['model']} {worst['rung']} ws{worst['world_size']} {worst['precision']} "
                  f"ratio {worst['ratio']:.3f}")
@@ -205,7 +254,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: Path, rows_by_key: dict) -> list[dict]:
+def write_results(results: Path, rows_by_key: dict, probe=None) -> list[dict]:
     from importlib.metadata import version
 
     order = {row: i for i, row in enumerate(default_rows())}
@@ -223,6 +272,7 @@ def write_results(results: Path, rows_by_key: dict) -> list[dict]:
                                                    if "rss_before_model_bytes" in r}),
             "runtime_bytes_measured": {f"{r['rung']} ws{r['world_size']}": r["measured_bytes"] for r in overhead},
         },
+        **({"probe": probe.to_dict(), "speed": speed_summary(rows)} if probe is not None else {}),
         "rows": rows,
     }
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +296,7 @@ def main(argv=None) -> int:
 
     results = Path(args.results)
     old = json.loads(results.read_text()) if results.is_file() else {"rows": []}
+    probe = step_probe(old, args.predict_only)
     old_rows = {row_key(r): {"measured_on": old.get("updated"), **r} for r in old["rows"]}
     wanted = [row for row in default_rows()
               if (not args.models or row[0] in args.models) and (not args.rungs or row[1] in args.rungs)
@@ -258,17 +309,17 @@ def main(argv=None) -> int:
         key = (model, rung, ws, precision, ac, par, seq, micro)
         if args.predict_only:
             if key in old_rows:
-                new_rows[key] = make_row(*key, None, old_rows[key])
+                new_rows[key] = make_row(*key, None, old_rows[key], probe)
             continue
         t = time.time()
         print(f"{model} {rung} ws{ws} {precision}{' AC' if ac else ''} {par} seq {seq} micro {micro} ...", end=" ",
               flush=True)
         summary = measure(model, rung, ws, precision, ac, par, seq, micro, root, args.reuse)
-        new_rows[key] = make_row(*key, summary, None)
+        new_rows[key] = make_row(*key, summary, None, probe)
         print(f"measured {new_rows[key]['measured_bytes'] / 2**20:.0f} MiB, predicted "
               f"{new_rows[key]['predicted_bytes'] / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)
-        write_results(results, new_rows)  # after every row: an hour of runs survives an interruption
-    rows = write_results(results, new_rows)
+        write_results(results, new_rows, probe)  # after every row: an hour of runs survives an interruption
+    rows = write_results(results, new_rows, probe)
     print(format_table(rows))
     if args.markdown:
         print(markdown_table(rows))

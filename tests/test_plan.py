@@ -423,5 +423,5 @@ def test_calibration_holds_live(engine_runs):
     cal = calibration_module()
     assert CALIBRATION_RUN_ARGS == cal.RUN_ARGS
     summary = engine_runs["calibration", 1]
-    row = cal.make_row("debug", "zero2", 1, "bf16", False, "", summary, None)
+    row = cal.make_row("debug", "zero2", 1, "bf16", False, "", cal.SEQ_LEN, cal.MICRO_BATCH, summary, None)
     assert abs(row["ratio"] - 1) <= cal.BOUND, row

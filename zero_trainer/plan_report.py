@@ -6,15 +6,18 @@ from pathlib import Path
 
 from .ds_config import for_hf_tools, load_ds_config, set_nvme_path
 from .errors import UsageError
-from .hardware import GiB, detect_hardware
+from .hardware import GiB, detect_hardware, local_gpus
 from .plan import (
     DEFAULT_SEQ_LEN,
+    OBJECTIVES,
     SAFETY_MARGIN,
     Plan,
     experts_line,
+    human_time,
     make_plan,
     model_shape,
     plan_model,
+    probe_for,
     sized_rung,
     zero_ranks,
 )
@@ -50,6 +53,13 @@ def add_subcommand(sub) -> None:
                    "model's weights frozen, adapters trained (default 0: every weight trains)")
     p.add_argument("--lora-targets", default="all-linear", metavar="NAMES", help="with --lora-r: comma-separated "
                    "module names to adapt (default all-linear)")
+    p.add_argument("--tokens", type=float, metavar="N", help="also the time to train N tokens (e.g. 1e8) for every "
+                   "rung that fits, from the step-time model and this machine's probe (measured if none is cached)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="memory", help="memory (default): the least sharding "
+                   "that fits; speed: the most tokens/s that fits, over rungs, activation checkpointing and micro "
+                   "batches 1-16 (needs a probe)")
+    p.add_argument("--probe", metavar="FILE.json", help="step times from this `zero-trainer probe --json` output (of "
+                   "the machine planned for) instead of this machine's cached probe")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
                    "chosen rung (a ds_configs name or a path)")
@@ -66,13 +76,19 @@ def cmd_plan(args) -> int:
     hw = detect_hardware(args.nodes, args.gpus_per_node, args.gpu_mem, args.cpu_mem, args.nvme)
     trainable = lora_trainable(args)
     layout = {"tp": args.tp, "sp": args.sp, "pp": args.pp, "micro_batches": args.grad_accum}
-    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, trainable=trainable, **layout)
+    if args.tokens is not None and not args.tokens > 0:
+        raise UsageError(f"--tokens {args.tokens:g} is not a positive number", "--tokens", "e.g. --tokens 1e8")
+    probe = speed_probe(args, hw)
+    plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, trainable=trainable,
+                      probe=probe, objective=args.objective, **layout)
     if args.plot:
         plot_plan(plan, args.plot)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         print(format_table(plan))
+        if probe is not None:
+            print("\n".join(speed_table(plan, args.tokens)))
         if trainable is not None:  # the same plan with every weight training: what LoRA changes
             full = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, **layout)
             verdict = full.reason if full.chosen else "nothing fits: " + full.reason
@@ -90,6 +106,59 @@ def cmd_plan(args) -> int:
         flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
         raise UsageError(what, flag, plan.reason)
     return 0
+
+
+def speed_probe(args, hw):
+    """The probe step times come from: --probe FILE, else this machine's cached one when it is the kind of machine
+    planned for (measured now when --tokens or --objective speed asks for times and none is cached); else None."""
+    from .probe import Probe, load_cached, load_or_measure
+
+    if args.probe:
+        try:
+            data = json.loads(Path(args.probe).read_text())
+            probe = Probe.from_dict(data.get("probe", data))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--probe {args.probe} is not a `zero-trainer probe --json` output ({err})", "--probe",
+                             "write one with `zero-trainer probe --json > FILE.json` on the machine") from None
+        if probe_for(hw, probe) is None:
+            raise UsageError(f"--probe {args.probe} measured a {probe.device}, but the plan is for "
+                             f"{'a CPU-only machine' if hw.cpu_only else 'GPUs'}", "--probe",
+                             "pass the probe of the machine the plan is for")
+        return probe
+    wanted = args.tokens is not None or args.objective == "speed"
+    probe = probe_for(hw, load_cached())
+    if probe is None and wanted and hw.cpu_only == (not local_gpus()[0]):
+        print("probing this machine for step times (once; cached): zero-trainer probe", file=sys.stderr, flush=True)
+        probe = probe_for(hw, load_or_measure())
+    return probe
+
+
+def speed_table(plan: Plan, tokens: float | None) -> list[str]:
+    """Every fitting candidate's predicted step time and tokens/s (and time to `tokens`), fastest first."""
+    probe = plan.probe
+    rows = sorted((c for c in plan.candidates if c.fits and c.speed is not None),
+                  key=lambda c: -c.speed.tokens_per_s)
+    wl = plan.workload
+    lines = [f"speed (step-time model on the probe of {probe.device}, {probe.measured_at[:10]}; micro batch "
+             f"{wl.micro_batch}, {wl.micro_batches} a step; seconds per optimizer step):",
+             f"{'rung':24} {'AC':3} {'tiles':8} {'step s':>8} {'tokens/s':>10} {'compute':>8} {'comm':>7} "
+             f"{'optim':>7} {'offload':>7} {'nvme':>7}" + (f" {'time to ' + f'{tokens:.3g}':>14}" if tokens else "")]
+    for c in rows:
+        sp, t = c.speed, c.speed.terms
+        mark = "*" if c is plan.chosen else " "
+        tiles = "+".join(k for k, on in (("loss", c.tiled_loss), ("mlp", c.tiled_mlp)) if on) or "-"
+        lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {tiles:8} "
+                     f"{sp.seconds:8.3g} {sp.tokens_per_s:10,.0f} {t['compute'] + t['elementwise']:8.3g} "
+                     f"{t['comm']:7.3g} {t['optimizer']:7.3g} {t['offload']:7.3g} {t['nvme']:7.3g}"
+                     + (f" {human_time(sp.time_for(tokens)):>14}" if tokens else ""))
+    if not rows:
+        lines.append("  (nothing fits)")
+    if plan.speed_search:
+        tried = ", ".join(f"micro batch {mb}: " + (f"{c.name}{' AC' if c.activation_checkpointing else ''} "
+                                                   f"{c.speed.tokens_per_s:,.0f} tokens/s" if c else "nothing fits")
+                          for mb, c in plan.speed_search)
+        lines.append(f"objective speed: {tried}")
+    return lines
 
 
 def lora_trainable(args) -> int | None:

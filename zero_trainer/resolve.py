@@ -39,6 +39,7 @@ from .model import model_config, param_sizes, supports_checkpointing
 from .parallelize import check_parallel
 from .pipeline import check_pipeline
 from .plan import Plan, plan_recipe
+from .probe import load_cached
 from .recipe import Recipe
 
 
@@ -74,8 +75,9 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
                          "False)", "train.activation_checkpointing",
                          "set train.activation_checkpointing=false, or use a model type that supports it")
     trainable = check_lora(recipe, model_cfg)  # the adapters' parameters (None: every weight trains)
+    probe = load_cached()  # this machine's rates, for the step time the run reports beside its own (never measured)
     plan = plan_recipe(recipe, model_cfg, world_size, can_checkpoint=can_checkpoint,
-                       trainable=trainable) if auto else None
+                       trainable=trainable, probe=probe) if auto else None
     if plan is not None:  # auto may split the sequence (sp) or tile the loss/MLP to fit
         recipe = with_planned_parallel(recipe, plan)
     name = plan.chosen.name if plan else recipe.deepspeed.config
@@ -100,7 +102,7 @@ def resolve(recipe: Recipe, world_size: int, resume: bool = False) -> Resolved:
     _check_nvme(recipe, raw, sum(sizes))
     if plan is None:  # a named JSON: its "auto" knobs sized, the whole judged against the hardware
         plan = plan_recipe(recipe, model_cfg, world_size, ds=(name, raw), can_checkpoint=can_checkpoint,
-                           trainable=trainable)
+                           trainable=trainable, probe=probe)
     recipe = with_planned_parallel(recipe, plan)
     check_lora_parallel(recipe)  # auto may have chosen sequence parallelism
     ds_config = resolve_auto_values(raw, recipe, world_size=dp, hidden_size=model_cfg.hidden_size,

@@ -3,6 +3,7 @@
 import math
 import os
 import signal
+import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -147,6 +148,7 @@ class Run:
             saved = checkpoint.load(self.engine, r.resume_from, universal_dir)
             self.state = {k: saved[k] for k in self.state}
         self.saved_step = self.state["step"] if r.resume_from is not None else None
+        self.step_times = []  # this process's steps, for the measured step time beside the plan's
 
     def load_model(self, r) -> torch.nn.Module:
         """The model with its first weights: the seeded init, or model.pretrained's, each rank reading only its own
@@ -330,6 +332,7 @@ def train_until(run: Run, last_step: int, stop: StopRequest, log, bar) -> bool:
         t = time.time()
         loss_sum, stops, aux_sum = run.reduce_over_ranks([train_step(run), float(stop.requested), run.take_aux_loss()])
         loss, step_s = loss_sum / run.world_size, time.time() - t
+        run.step_times.append(step_s)
         state.update(step=step, tokens=state["tokens"] + run.tokens_per_step, train_s=state["train_s"] + step_s)
         state["losses"].append(loss)
         if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
@@ -405,6 +408,8 @@ def run_training(recipe: Recipe, resume: bool = False) -> dict | None:
         "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "tokens_per_s": state["tokens"] / state["train_s"],
+        # the median step after the first (warm-up, JIT builds, allocator growth), beside plan.predicted_step_s
+        "step_s": statistics.median(run.step_times[1:] or run.step_times) if run.step_times else None,
         "peak_mem_bytes": peak, "rss_before_model_bytes": run.max_over_ranks(run.rss_before_model),
         "load_peak_bytes": run.max_over_ranks(run.load_peak), "load_s": run.load_s, "pretrained": run.pretrained,
         "load_bytes_per_rank": run.per_rank(run.load_bytes), "trainable_params": run.trainable or run.params,

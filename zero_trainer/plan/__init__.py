@@ -26,6 +26,7 @@ from ..presets import PRESETS
 from .choice import (
     BUBBLE_MICRO_BATCHES,
     DEFAULT_SEQ_LEN,
+    OBJECTIVES,
     SAFETY_MARGIN,
     Plan,
     check_knobs,
@@ -35,11 +36,14 @@ from .choice import (
     judged,
     make_plan,
     pipeline_parallel_degrees,
+    plan_memory,
     plan_model,
     plan_recipe,
     preference_key,
+    probe_for,
     recipe_hardware,
     sequence_parallel_degrees,
+    with_speeds,
 )
 from .knobs import (
     ADAM_STATES,
@@ -111,8 +115,21 @@ from .shapes import (
     tp_rank_shape,
     zero_ranks,
 )
+from .speed import (
+    COMM_OVERLAP,
+    ELEMENTWISE_PASSES,
+    MICRO_OVERHEAD_S,
+    STEP_OVERHEAD_S,
+    StepTime,
+    flops_per_token,
+    human_time,
+    matmul_params,
+    step_time,
+)
 
 __all__ = [
+    "OBJECTIVES", "plan_memory", "probe_for", "with_speeds", "COMM_OVERLAP", "ELEMENTWISE_PASSES", "MICRO_OVERHEAD_S",
+    "STEP_OVERHEAD_S", "StepTime", "flops_per_token", "human_time", "matmul_params", "step_time",
     "Hardware",
     "PRESETS",
     "physical_memory_bytes",

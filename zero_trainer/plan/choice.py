@@ -53,6 +53,9 @@ from .memory import (
     pipeline_stages,
 )
 from .shapes import ModelShape, Workload, model_shape, shape_from_config, tp_rank_shape, zero_ranks
+from .speed import step_time
+
+OBJECTIVES = ("memory", "speed")
 
 SAFETY_MARGIN = 0.10
 DEFAULT_SEQ_LEN = 2048
@@ -77,6 +80,9 @@ class Plan:
     # pp search: (pp, why it did not fit) before this pp, pp 1 first; with no pp fitting, every degree tried (pp 1's
     # plan is the answer then, its reason the error)
     pipeline_search: list = field(default_factory=list)
+    objective: str = "memory"  # memory: the least sharding that fits; speed: the most tokens/s that fits
+    probe: object = None  # the probe.Probe step times came from (None: no speed)
+    speed_search: list = field(default_factory=list)  # objective speed: (micro_batch, best fitting candidate) tried
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -153,7 +159,17 @@ class Plan:
                 "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized,
-                "trainable_params": self.workload.trainable, **self._pipeline_keys()}
+                "trainable_params": self.workload.trainable, **self._pipeline_keys(), **self._speed_keys()}
+
+    def _speed_keys(self) -> dict:
+        """The chosen candidate's predicted step time (and what it was predicted from), when a probe was at hand."""
+        speed = self.chosen.speed if self.chosen is not None else None
+        if speed is None:
+            return {}
+        return {"objective": self.objective, "predicted_step_s": round(speed.seconds, 4),
+                "predicted_tokens_per_s": round(speed.tokens_per_s, 1),
+                "predicted_step_terms": speed.to_json()["terms"],
+                "probe": {"device": self.probe.device, "measured_at": self.probe.measured_at}}
 
     def _pipeline_keys(self) -> dict:
         """summary() and to_json()'s pipeline part: the degree, micro-batches a step, the bubble, each stage."""
@@ -212,6 +228,11 @@ class Plan:
             "candidates": [c.to_json() for c in self.candidates], **self._pipeline_keys(),
             "pipeline_parallel_search": [{"pipeline_parallel": pp, "fits": False, "reason": why}
                                          for pp, why in self.pipeline_search],
+            **self._speed_keys(),
+            **({"speed_search": [{"micro_batch": mb, "fits": c is not None,
+                                  **({"rung": c.name, "activation_checkpointing": c.activation_checkpointing,
+                                      **c.speed.to_json()} if c is not None else {})}
+                                 for mb, c in self.speed_search]} if self.speed_search else {}),
         }
 
 
@@ -383,7 +404,69 @@ def _nothing_fits(candidates: list, by_name: dict, hw: Hardware) -> str:
 def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
                precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
                tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False,
-               trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None) -> Plan:
+               trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None,
+               probe=None, objective: str = "memory") -> Plan:
+    """The plan (plan_memory) with each fitting candidate's step time when `probe` (probe.Probe of a machine like
+    `hardware`) is given. objective "speed": the candidate with the most tokens/s that fits, over the rungs,
+    activation checkpointing and micro-batches 1, 2, 4, ... up to max(micro_batch, 16)."""
+    args = dict(seq_len=seq_len, precision=precision, checkpointing=checkpointing, where=where, tp=tp, sp=sp,
+                tiled_mlp=tiled_mlp, tiled_loss=tiled_loss, trainable=trainable, pp=pp, micro_batches=micro_batches)
+    if objective not in OBJECTIVES:
+        raise UsageError(f"objective '{objective}' is unknown", "--objective", "use memory or speed")
+    if objective == "speed" and probe is None:
+        raise UsageError("objective speed needs step times, and there is no probe of this kind of machine",
+                         "--objective", "run `zero-trainer probe` on the machine (or pass --probe FILE)")
+    plan = with_speeds(plan_memory(model, hardware, micro_batch=micro_batch, **args), probe)
+    if objective == "memory":
+        return plan
+    tried, best = [], None
+    for mb in sorted({micro_batch, *(2 ** i for i in range(5)), *(2 ** i for i in range(micro_batch.bit_length()))}):
+        p = plan if mb == micro_batch else with_speeds(plan_memory(model, hardware, micro_batch=mb, **args), probe)
+        fitting = [c for c in p.candidates if c.fits and c.speed is not None and
+                   (checkpointing is None or c.activation_checkpointing == checkpointing)]
+        fastest = max(fitting, key=lambda c: c.speed.tokens_per_s, default=None)
+        tried.append((mb, fastest))
+        if fastest is not None and (best is None or fastest.speed.tokens_per_s > best[1].speed.tokens_per_s):
+            best = (p, fastest)
+    if best is None:
+        return plan
+    p, fastest = best
+    memory_choice = plan.chosen
+    p.reason = (f"{_label(fastest)} at micro-batch {p.workload.micro_batch}: the most tokens/s that fits "
+                f"({fastest.speed.tokens_per_s:,.0f} tokens/s, {fastest.speed.seconds:.3g} s a step"
+                + (f"; the memory objective's {_label(memory_choice)} at micro-batch {micro_batch}: "
+                   f"{memory_choice.speed.tokens_per_s:,.0f} tokens/s" if memory_choice is not None and
+                   memory_choice.speed is not None else "") + ")")
+    p.chosen, p.objective, p.speed_search = fastest, "speed", tried
+    p.notes = _notes(p.model, fastest.rung, hardware, p.workload)
+    return p
+
+
+def with_speeds(plan: Plan, probe) -> Plan:
+    """Each fitting candidate's step time (plan.speed) from `probe`; the plan unchanged without one."""
+    if probe is None:
+        return plan
+    plan.probe = probe
+    for c in plan.candidates:
+        if c.fits:
+            wl = dataclasses.replace(plan.workload, tiled_mlp=c.tiled_mlp, tiled_loss=c.tiled_loss)
+            c.speed = step_time(plan.model, c.rung, plan.hardware.world_size, plan.hardware.cpu_only, wl,
+                                c.activation_checkpointing, probe)
+    return plan
+
+
+def probe_for(hw: Hardware, probe) -> object:
+    """`probe` when it measured the kind of device `hw` plans for (a CPU-only plan and a CPU probe, a GPU plan and a
+    GPU probe), else None: a CPU's rates say nothing about a GPU's step."""
+    if probe is None:
+        return None
+    return probe if (probe.device == "cpu") == hw.cpu_only else None
+
+
+def plan_memory(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
+                precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
+                tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False,
+                trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None) -> Plan:
     """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input.
 
     tp, sp: fixed AutoTP / Ulysses degrees; sp=None searches: sp 1 first, then the smallest sp that fits
@@ -623,7 +706,7 @@ def recipe_hardware(recipe: Recipe, world_size: int, nvme_probe: bool = False) -
 
 
 def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[str, dict] | None = None,
-                can_checkpoint: bool = True, trainable: int | None = None) -> Plan:
+                can_checkpoint: bool = True, trainable: int | None = None, probe=None) -> Plan:
     """The plan a run follows: `.chosen` (its rung, sized), `.activation_checkpointing`, `.sized`.
 
     ds=None (deepspeed.config: auto): every rung of the ladder, the cheapest that fits. ds=(name, raw JSON): that
@@ -666,7 +749,7 @@ def plan_recipe(recipe: Recipe, model_cfg=None, world_size: int = 1, ds: tuple[s
 
     plan = planned(hw)
     if plan.chosen is not None:
-        return plan
+        return with_speeds(plan, probe_for(plan.hardware, probe))  # the step time the run will be checked against
     budget = "the recipe's hardware budget" if any(
         v is not None for v in vars(recipe.hardware).values()) else plan.hardware.describe()
     what = f"no ZeRO rung fits {plan.model.name} on {budget}" if ds is None else \

@@ -230,6 +230,7 @@ class Candidate:
     # under a pipeline: each stage's rank (stage, layers, params, in_flight, device_bytes, predicted_peak_bytes);
     # `device` is then the heaviest stage's
     stages: list = field(default_factory=list)
+    speed: object = None  # plan.speed.StepTime of a fitting candidate, when a probe of the machine is at hand
 
     @property
     def tiling(self) -> int:
@@ -248,7 +249,8 @@ class Candidate:
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss, "device_bytes": self.device_bytes,
                 "cpu_bytes": self.cpu_bytes, "nvme_bytes": self.nvme_bytes,
                 "fits": self.fits, "why": self.why, "device_split": dict(self.device), "sized": self.sized,
-                **({"stages": self.stages} if self.stages else {})}
+                **({"stages": self.stages} if self.stages else {}),
+                **({"speed": self.speed.to_json()} if self.speed is not None else {})}
 
 
 def model_states(shape: ModelShape, rung: Rung, world_size: int, precision: str,
