@@ -24,7 +24,7 @@ LAYERS = [
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 # zero_trainer/plan/, in import order: each module imports only from those before it (and __init__ from all)
-PLAN_MODULES = ["shapes", "knobs", "memory", "speed", "choice"]
+PLAN_MODULES = ["shapes", "knobs", "memory", "speed", "history", "choice"]
 
 
 def _type_checking_only(node, parents) -> bool:

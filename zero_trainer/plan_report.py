@@ -11,13 +11,17 @@ from .plan import (
     DEFAULT_SEQ_LEN,
     OBJECTIVES,
     SAFETY_MARGIN,
+    Corrections,
+    History,
     Plan,
+    corrections,
     experts_line,
     human_time,
     make_plan,
     model_shape,
     plan_model,
     probe_for,
+    read_history,
     sized_rung,
     zero_ranks,
 )
@@ -60,6 +64,9 @@ def add_subcommand(sub) -> None:
                    "batches 1-16 (needs a probe)")
     p.add_argument("--probe", metavar="FILE.json", help="step times from this `zero-trainer probe --json` output (of "
                    "the machine planned for) instead of this machine's cached probe")
+    p.add_argument("--history", metavar="DIR", help="correct the memory and step-time predictions by this machine's "
+                   "runs: every summary.json under DIR (memory x the largest measured/predicted peak, so no run is "
+                   "predicted below what it used; step time x the median measured/predicted)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--ds-config", metavar="NAME_OR_JSON", help="with --write-ds-config: this JSON instead of the "
                    "chosen rung (a ds_configs name or a path)")
@@ -78,19 +85,24 @@ def cmd_plan(args) -> int:
     layout = {"tp": args.tp, "sp": args.sp, "pp": args.pp, "micro_batches": args.grad_accum}
     if args.tokens is not None and not args.tokens > 0:
         raise UsageError(f"--tokens {args.tokens:g} is not a positive number", "--tokens", "e.g. --tokens 1e8")
+    history, corr = learned(args.history, hw) if args.history else (None, None)
     probe = speed_probe(args, hw)
     plan = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, trainable=trainable,
-                      probe=probe, objective=args.objective, **layout)
+                      probe=probe, objective=args.objective, corrections=corr, **layout)
     if args.plot:
         plot_plan(plan, args.plot)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
+        doc = plan.to_json()
+        print(json.dumps({**doc, "history": history_json(args.history, history, corr)} if corr else doc, indent=2))
     else:
+        if corr is not None:
+            print("\n".join(history_lines(args.history, history, corr, hw.cpu_only)))
         print(format_table(plan))
         if probe is not None:
             print("\n".join(speed_table(plan, args.tokens)))
         if trainable is not None:  # the same plan with every weight training: what LoRA changes
-            full = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, **layout)
+            full = plan_model(args.model, hw, args.seq_len, args.micro_batch, args.precision, corrections=corr,
+                              **layout)
             verdict = full.reason if full.chosen else "nothing fits: " + full.reason
             print(f"without LoRA (every weight training): {verdict}")
         if plan.model.experts:
@@ -106,6 +118,48 @@ def cmd_plan(args) -> int:
         flag = "--gpu-mem" if not hw.cpu_only else "--cpu-mem"
         raise UsageError(what, flag, plan.reason)
     return 0
+
+
+def learned(directory: str, hw) -> tuple[History, Corrections]:
+    """--history DIR: its runs (those on the kind of hardware planned for: a CPU's RSS says nothing of a GPU's
+    allocator) and the corrections they give. UsageError when DIR holds no summary.json."""
+    if not Path(directory).is_dir():
+        raise UsageError(f"--history {directory} is not a directory", "--history",
+                         "give a runs directory: the output dirs of `zero-trainer train`, or a folder above them")
+    history = read_history(directory)
+    if not history and not history.skipped:
+        raise UsageError(f"no summary.json under {directory}", "--history",
+                         "give the folder that holds finished runs' output dirs (each writes OUTPUT_DIR/summary.json)")
+    return history, corrections([o for o in history if o.cpu_only == hw.cpu_only])
+
+
+def history_lines(directory: str, history: History, corr: Corrections, cpu_only: bool) -> list[str]:
+    """The block `plan --history` prints before the table: runs read, the two scales, errors before and after."""
+    other = sum(o.cpu_only != cpu_only for o in history)
+    skipped = "; ".join(f"{p}: {why}" for p, why in history.skipped[:2]) + ("; ..." if len(history.skipped) > 2 else "")
+    memory = (f"the largest measured/predicted peak of {corr.memory_runs} run(s), so none is predicted below what it "
+              "used") if corr.memory_runs else "no run measured a predicted peak"
+    speed = f"the median measured/predicted step time of {corr.speed_runs} run(s)" if corr.speed_runs else \
+        "no run measured a predicted step time (no probe cached then?)"
+    lines = [f"history: {len(history)} run(s) read under {directory}"
+             + (f", {len(history.skipped)} skipped ({skipped})" if history.skipped else "")
+             + (f"; {other} on {'a GPU' if cpu_only else 'CPU only'} left out (the plan is for "
+                f"{'CPU' if cpu_only else 'GPUs'})" if other else ""),
+             f"  memory x{corr.memory_scale:.3f}: {memory}", f"  speed  x{corr.speed_scale:.3f}: {speed}"]
+    for kind in ("memory", "speed"):
+        e = corr.errors(kind)
+        if e["before"] is not None:
+            lines.append(f"  {kind} error |predicted/measured - 1|: median {e['before']['median']:.1%}, worst "
+                         f"{e['before']['worst']:.1%} before; median {e['after']['median']:.1%}, worst "
+                         f"{e['after']['worst']:.1%} after")
+    return lines
+
+
+def history_json(directory: str, history: History, corr: Corrections) -> dict:
+    """`plan --history --json`'s "history": the runs read, used (those of the plan's kind of hardware) and skipped,
+    the scales, the errors before and after, and every run used before and after."""
+    return {"directory": directory, "runs_read": len(history), "runs_used": len(corr.rows),
+            "skipped": [{"path": p, "why": why} for p, why in history.skipped], **corr.to_json()}
 
 
 def speed_probe(args, hw):
@@ -189,7 +243,8 @@ def write_sized_config(plan: Plan, name: str | None, path: str, nvme_path: str |
         raise UsageError("nothing to write: no rung fits", "--write-ds-config", "name one with --ds-config")
     label, raw = load_ds_config(name)
     rung = sized_rung(label, raw, plan.model, plan.workload, plan.hardware)
-    own = make_plan(plan.model, plan.hardware, plan.workload, rungs=[rung])  # with AC only if it needs it
+    own = make_plan(plan.model, plan.hardware, plan.workload, rungs=[rung],  # with AC only if it needs it
+                    corrections=plan.corrections)
     candidate = own.chosen or own.candidates[0]
     config = for_hf_tools(raw, candidate.rung.ds, candidate.sized)
     if nvme_path:
@@ -220,6 +275,7 @@ def format_table(plan: Plan) -> str:
     hw, wl, m = plan.hardware, plan.workload, plan.model
     gib = lambda n: f"{n / GiB:7.1f}"  # noqa: E731
     tp, sp, pp = plan.tensor_parallel, plan.sequence_parallel, plan.pipeline_parallel
+    learned = plan.corrections is not None  # a `history` column: what this machine's runs add (plan --history)
     lines = [f"{m.name}: {m.params / 1e9:.3g}B parameters; seq_len {wl.seq_len}, micro batch {wl.micro_batch}, "
              f"{wl.precision}", *([plan.lora] if plan.lora else []),
              f"{hw.describe()}; {SAFETY_MARGIN:.0%} of every memory kept free",
@@ -233,7 +289,7 @@ def format_table(plan: Plan) -> str:
              "GiB per rank" + (" (device = its share of the RAM, offload included)" if hw.cpu_only else
                                " on the device") + "; CPU and NVMe per node; tiles: what runs over sequence tiles",
              f"{'rung':24} {'AC':3} {'tiles':8} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} "
-             f"{'device':>7} {'CPU':>7} {'NVMe':>7}  fits"]
+             + (f"{'history':>7} " if learned else "") + f"{'device':>7} {'CPU':>7} {'NVMe':>7}  fits"]
     for c in plan.candidates:
         d = c.device
         mark = "*" if c is plan.chosen else " "
@@ -241,7 +297,8 @@ def format_table(plan: Plan) -> str:
         lines.append(f"{mark}{c.name:23} {'yes' if c.activation_checkpointing else 'no':3} {tiles:8} "
                      f"{gib(d['params'])} "
                      f"{gib(d['grads'])} {gib(d['optimizer'])} {gib(d['activations'])} {gib(d['buffers'])} "
-                     f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
+                     + (f"{gib(d['history'])} " if learned else "")
+                     + f"{gib(c.device_bytes)} {gib(c.cpu_bytes)} {gib(c.nvme_bytes)}  "
                      f"{'yes' if c.fits else 'no: ' + c.why}")
     lines.append(f"chosen: {plan.reason}" if plan.chosen else f"nothing fits: {plan.reason}")
     if plan.chosen:
@@ -280,7 +337,7 @@ def plot_plan(plan: Plan, path: str) -> None:
     import matplotlib.pyplot as plt
 
     hw, cands = plan.hardware, plan.candidates
-    parts = ("params", "grads", "optimizer", "activations", "buffers")
+    parts = ("params", "grads", "optimizer", "activations", "buffers") + (("history",) if plan.corrections else ())
     labels = [c.name + (" +AC" if c.activation_checkpointing else "") + (" +tiles" if c.tiling else "")
               for c in cands]
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(cands)), 5))

@@ -15,6 +15,8 @@ The package imports one way, each module only from those before it here (tests/t
     model on the hardware, and the rungs a pipeline runs.
   - memory.py: the memory model, what one rank holds on a rung (model states, activations, buffers, the runtime),
     with and without a pipeline. Its docstring is the model's documentation: sources, formulas, calibration.
+  - speed.py: the step-time model, seconds per optimizer step of a candidate from the probed rates.
+  - history.py: this machine's runs (their summary.json) as memory and speed corrections (`plan --history`).
   - choice.py: the choice: every candidate judged, the cheapest that fits, the sp and pp searches, the layout and
     knob checks, the Plan a run follows, and plan_recipe for deepspeed.config: auto.
 Every name is re-exported here: `from zero_trainer.plan import plan_model` and `plan.Workload` work as before.
@@ -45,6 +47,7 @@ from .choice import (
     sequence_parallel_degrees,
     with_speeds,
 )
+from .history import Corrections, History, Observation, corrected, corrected_speed, corrections, read_history
 from .knobs import (
     ADAM_STATES,
     AIO_ALIGNED_BYTES,
@@ -128,6 +131,7 @@ from .speed import (
 )
 
 __all__ = [
+    "Corrections", "History", "Observation", "corrected", "corrected_speed", "corrections", "read_history",
     "OBJECTIVES", "plan_memory", "probe_for", "with_speeds", "COMM_OVERLAP", "ELEMENTWISE_PASSES", "MICRO_OVERHEAD_S",
     "STEP_OVERHEAD_S", "StepTime", "flops_per_token", "human_time", "matmul_params", "step_time",
     "Hardware",

@@ -30,6 +30,7 @@ from ..errors import UsageError
 from ..hardware import GiB, Hardware, free_bytes, local_gpus, local_world_size, physical_memory_bytes
 from ..presets import PRESETS
 from ..recipe import PRECISIONS, Recipe
+from .history import Corrections, corrected, corrected_speed
 from .knobs import (
     LADDER,
     Rung,
@@ -83,6 +84,8 @@ class Plan:
     objective: str = "memory"  # memory: the least sharding that fits; speed: the most tokens/s that fits
     probe: object = None  # the probe.Probe step times came from (None: no speed)
     speed_search: list = field(default_factory=list)  # objective speed: (micro_batch, best fitting candidate) tried
+    # history.Corrections from this machine's runs (`plan --history`), applied to every candidate; None: the model's own
+    corrections: Corrections | None = None
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -155,7 +158,7 @@ class Plan:
     def summary(self) -> dict:
         """summary.json's `plan`."""
         return {"rung": self.chosen.name if self.chosen else None, "predicted_load_peak_bytes": self.load_peak_bytes,
-                "activation_checkpointing": self.activation_checkpointing,
+                "activation_checkpointing": self.activation_checkpointing, "cpu_only": self.hardware.cpu_only,
                 "tensor_parallel": self.tensor_parallel, "sequence_parallel": self.sequence_parallel,
                 "tiled_mlp": self.tiled_mlp, "tiled_loss": self.tiled_loss,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "sized": self.sized,
@@ -244,12 +247,14 @@ def preference_key(rung: Rung, checkpointing: bool, tiling: int = 0, sp: int = 1
     return sp, tiling, tier, checkpointing, LADDER.index(rung.name) if rung.name in LADDER else len(LADDER)
 
 
-def judged(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool) -> Candidate:
-    """One candidate, judged; an NVMe rung that can keep its parameters in RAM does so only when that fits."""
-    c = estimate(shape, rung, hw, workload, checkpointing)
+def judged(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool,
+           corrections: Corrections | None = None) -> Candidate:
+    """One candidate, judged (with its memory corrected by this machine's history, when given: history.corrected);
+    an NVMe rung that can keep its parameters in RAM does so only when that fits."""
+    c = corrected(estimate(shape, rung, hw, workload, checkpointing), corrections, hw, workload)
     _judge(c, rung, hw)
     if not c.fits and rung.tighter is not None:
-        c = estimate(shape, rung.tighter, hw, workload, checkpointing)
+        c = corrected(estimate(shape, rung.tighter, hw, workload, checkpointing), corrections, hw, workload)
         _judge(c, rung.tighter, hw)
     return c
 
@@ -296,13 +301,14 @@ def _short(value) -> str:
 
 
 def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None = None,
-              rungs: list[Rung] | None = None, tiling: bool = True) -> Plan:
+              rungs: list[Rung] | None = None, tiling: bool = True, corrections: Corrections | None = None) -> Plan:
     """Every candidate (rung × activation checkpointing) judged, and the first that fits in preference order.
 
     checkpointing=True: the run checkpoints activations anyway (a recipe that asks for it), so only those
     candidates are eligible; False: only those without (a model that cannot checkpoint); None: both, without
     first. `rungs`: the ladder (default) or the one JSON a run names. tiling: when nothing fits, the same
     candidates again with the loss tiled, then the MLP too (long context); the workload's own tiling always holds.
+    corrections: history.Corrections applied to every candidate's memory before it is judged.
     """
     rungs = rungs if rungs is not None else ladder_rungs(shape, workload, hw)
     candidates, by_name, chosen, preference = [], {r.name: r for r in rungs}, None, []
@@ -313,7 +319,7 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
     for i, wl in enumerate(rounds):
         if i and wl in rounds[:i]:
             continue
-        judged_now = [judged(shape, rung, hw, wl, ac) for rung in rungs for ac in (False, True)]
+        judged_now = [judged(shape, rung, hw, wl, ac, corrections) for rung in rungs for ac in (False, True)]
         candidates += judged_now
         preference = sorted((c for c in judged_now if checkpointing is None or c.activation_checkpointing ==
                              checkpointing), key=lambda c: preference_key(by_name[c.name], c.activation_checkpointing))
@@ -323,7 +329,7 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
     eligible = [c for c in candidates if checkpointing is None or c.activation_checkpointing == checkpointing]
     if chosen is None:
         return Plan(shape, hw, workload, candidates, None, _nothing_fits(eligible, by_name, hw),
-                    notes=_bubble_note(workload))
+                    notes=_bubble_note(workload), corrections=corrections)
     limit = hw.cpu_mem / hw.gpus_per_node if hw.cpu_only else hw.gpu_mem
     if chosen.activation_checkpointing and not checkpointing:
         why = "no rung fits without activation checkpointing; the least sharding and offload that fits with it"
@@ -342,7 +348,7 @@ def make_plan(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing
               f"({_gib(chosen.device_bytes)} a rank, {100 * chosen.device_bytes / limit:.0f}% of "
               f"{'its share of the RAM' if hw.cpu_only else 'the device'}; {SAFETY_MARGIN:.0%} kept free)")
     return Plan(shape, hw, workload, candidates, chosen, reason,
-                notes=_notes(shape, by_name[chosen.name], hw, workload))
+                notes=_notes(shape, by_name[chosen.name], hw, workload), corrections=corrections)
 
 
 def _label(c: Candidate) -> str:
@@ -405,12 +411,14 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
                precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
                tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False,
                trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None,
-               probe=None, objective: str = "memory") -> Plan:
+               probe=None, objective: str = "memory", corrections: Corrections | None = None) -> Plan:
     """The plan (plan_memory) with each fitting candidate's step time when `probe` (probe.Probe of a machine like
     `hardware`) is given. objective "speed": the candidate with the most tokens/s that fits, over the rungs,
-    activation checkpointing and micro-batches 1, 2, 4, ... up to max(micro_batch, 16)."""
+    activation checkpointing and micro-batches 1, 2, 4, ... up to max(micro_batch, 16). corrections
+    (history.Corrections, `plan --history`): every candidate's memory and step time scaled by this machine's runs."""
     args = dict(seq_len=seq_len, precision=precision, checkpointing=checkpointing, where=where, tp=tp, sp=sp,
-                tiled_mlp=tiled_mlp, tiled_loss=tiled_loss, trainable=trainable, pp=pp, micro_batches=micro_batches)
+                tiled_mlp=tiled_mlp, tiled_loss=tiled_loss, trainable=trainable, pp=pp, micro_batches=micro_batches,
+                corrections=corrections)
     if objective not in OBJECTIVES:
         raise UsageError(f"objective '{objective}' is unknown", "--objective", "use memory or speed")
     if objective == "speed" and probe is None:
@@ -443,15 +451,16 @@ def plan_model(model, hardware: Hardware, seq_len: int | None = None, micro_batc
 
 
 def with_speeds(plan: Plan, probe) -> Plan:
-    """Each fitting candidate's step time (plan.speed) from `probe`; the plan unchanged without one."""
+    """Each fitting candidate's step time (plan.speed) from `probe`, scaled by plan.corrections (history); the plan
+    unchanged without a probe."""
     if probe is None:
         return plan
     plan.probe = probe
     for c in plan.candidates:
         if c.fits:
             wl = dataclasses.replace(plan.workload, tiled_mlp=c.tiled_mlp, tiled_loss=c.tiled_loss)
-            c.speed = step_time(plan.model, c.rung, plan.hardware.world_size, plan.hardware.cpu_only, wl,
-                                c.activation_checkpointing, probe)
+            c.speed = corrected_speed(step_time(plan.model, c.rung, plan.hardware.world_size, plan.hardware.cpu_only,
+                                                wl, c.activation_checkpointing, probe), plan.corrections)
     return plan
 
 
@@ -466,14 +475,16 @@ def probe_for(hw: Hardware, probe) -> object:
 def plan_memory(model, hardware: Hardware, seq_len: int | None = None, micro_batch: int = 1,
                 precision: str = "bf16", checkpointing: bool | None = None, where: dict | None = None,
                 tp: int = 1, sp: int | None = None, tiled_mlp: bool = False, tiled_loss: bool = False,
-                trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None) -> Plan:
+                trainable: int | None = None, pp: int | None = 1, micro_batches: int | None = None,
+                corrections: Corrections | None = None) -> Plan:
     """The plan for a preset / config.json / config on `hardware`. Raises UsageError on bad input.
 
     tp, sp: fixed AutoTP / Ulysses degrees; sp=None searches: sp 1 first, then the smallest sp that fits
     (`sequence_parallel_degrees`). tiled_mlp / tiled_loss: tiling the run does anyway (the planner may add it).
     pp: a fixed pipeline degree; pp=None (with sp=None and tp 1) searches too: only when nothing fits at pp 1, sp
     search included, the smallest pp that fits (`pipeline_parallel_degrees`). micro_batches: the pipeline's micro-
-    batches a step (gradient accumulation); None: default_micro_batches(pp) for each degree."""
+    batches a step (gradient accumulation); None: default_micro_batches(pp) for each degree. corrections: as
+    make_plan's."""
     where = {"model": "--model", "seq_len": "--seq-len", "micro_batch": "--micro-batch", "precision": "--precision",
              "tp": "--tp", "sp": "--sp", "pp": "--pp", "micro_batches": "--grad-accum", **(where or {})}
     shape = model_shape(model, where["model"])
@@ -492,13 +503,14 @@ def plan_memory(model, hardware: Hardware, seq_len: int | None = None, micro_bat
     check_layout(shape, hardware, workload, where)
     fixed = f"as given ({where['tp']}, {where['sp']}{', ' + where['pp'] if workload.pp > 1 else ''})"
     if sp is not None or tp > 1 or workload.pp > 1:  # no search beside AutoTP or a pipeline: neither runs Ulysses
-        plan = make_plan(shape, hardware, workload, checkpointing)
+        plan = make_plan(shape, hardware, workload, checkpointing, corrections=corrections)
         beside = "AutoTP" if tp > 1 else "a pipeline"
         plan.parallel_reason = fixed + (f"; no sequence-parallel search beside {beside}" if sp is None else "")
         return plan
     searched, plan = [], None
     for degree in sequence_parallel_degrees(shape, hardware, workload):
-        plan = make_plan(shape, hardware, dataclasses.replace(workload, sp=degree), checkpointing)
+        plan = make_plan(shape, hardware, dataclasses.replace(workload, sp=degree), checkpointing,
+                         corrections=corrections)
         if plan.chosen is not None:
             break
         searched.append((degree, plan.reason))
@@ -516,19 +528,20 @@ def plan_memory(model, hardware: Hardware, seq_len: int | None = None, micro_bat
         plan.parallel_reason = "fits without sequence parallelism" if plan.chosen else \
             "no larger sp divides the world size, seq_len and the heads"
     if plan.chosen is None and pp is None and not tiled_mlp and not tiled_loss and trainable is None:
-        plan = _pipeline_search(shape, hardware, workload, checkpointing, micro_batches, plan)
+        plan = _pipeline_search(shape, hardware, workload, checkpointing, micro_batches, plan, corrections)
     return plan
 
 
 def _pipeline_search(shape: ModelShape, hw: Hardware, workload: Workload, checkpointing: bool | None,
-                     micro_batches: int | None, flat: Plan) -> Plan:
+                     micro_batches: int | None, flat: Plan, corrections: Corrections | None = None) -> Plan:
     """The smallest pp that fits when nothing fits without a pipeline (`flat`, its sp search done): sp and pp do not
     combine, so each degree plans at sp 1, on ZeRO 0/1 without added tiling (nor LoRA: the runtime runs neither
     beside a pipeline). None fits: `flat`, the degrees tried recorded beside it."""
     searched, plan = [(1, flat.reason)], None
     for degree in pipeline_parallel_degrees(shape, hw, micro_batches):
         m = micro_batches if micro_batches is not None else default_micro_batches(degree)
-        plan = make_plan(shape, hw, dataclasses.replace(workload, sp=1, pp=degree, micro_batches=m), checkpointing)
+        plan = make_plan(shape, hw, dataclasses.replace(workload, sp=1, pp=degree, micro_batches=m), checkpointing,
+                         corrections=corrections)
         if plan.chosen is not None:
             break
         searched.append((degree, plan.reason))

@@ -217,7 +217,9 @@ def heap_retained_bytes(shape: ModelShape, workload: Workload, checkpointing: bo
 class Candidate:
     name: str
     activation_checkpointing: bool
-    device: dict  # bytes per rank: params, grads, optimizer, activations, buffers (with the runtime overhead)
+    # bytes per rank: params, grads, optimizer, activations, buffers (with the runtime overhead); and `history`, what
+    # this machine's runs add (plan --history: plan/history.py), only in a plan given corrections
+    device: dict
     cpu_bytes: int  # per node
     nvme_bytes: int  # per node
     cpu_rank: dict = field(default_factory=dict)  # per rank, what lives in CPU memory
