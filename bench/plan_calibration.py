@@ -145,7 +145,7 @@ def predict_speed(model: str, rung: str, world_size: int, precision: str, ac: bo
     if knobs:
         raw = fill_sized(raw, knobs)[0]
     sized = plan.sized_rung(rung, raw, shape, workload, hw)
-    return plan.step_time(shape, sized, world_size, True, workload, ac, probe).seconds
+    return plan.step_time(shape, sized, hw, workload, ac, probe).seconds
 
 
 def make_row(model, rung, world_size, precision, ac, par, seq, micro, summary: dict | None, old: dict | None,
@@ -168,6 +168,9 @@ def make_row(model, rung, world_size, precision, ac, par, seq, micro, summary: d
         predicted_s = predict_speed(model, rung, world_size, precision, ac, par, seq, micro, extra.get("sized"), probe)
         speed = {"predicted_step_s": round(predicted_s, 4), "measured_step_s": round(step_s, 4),
                  "speed_ratio": round(predicted_s / step_s, 4)}
+        repeat = (old or {}).get("measured_step_s_repeat") if summary is None else None
+        if repeat:  # a second measurement of the same row: the machine's noise beside the model's error
+            speed.update(measured_step_s_repeat=repeat, speed_ratio_repeat=round(predicted_s / repeat, 4))
     return {"model": model, "rung": rung, "world_size": world_size, "precision": precision,
             "activation_checkpointing": ac, **({"parallel": par} if par else {}), **shape,
             "predicted_bytes": predicted, "measured_bytes": measured,
@@ -213,9 +216,15 @@ def speed_summary(rows: list[dict]) -> dict:
     errors = [abs(r["speed_ratio"] - 1) for r in rows if "speed_ratio" in r]
     if not errors:
         return {}
+    repeats = [abs(r["speed_ratio_repeat"] - 1) for r in rows if "speed_ratio_repeat" in r]
+    spread = [abs(r["measured_step_s"] / r["measured_step_s_repeat"] - 1) for r in rows if "speed_ratio_repeat" in r]
     return {"rows": len(errors), "median_abs_error": round(statistics.median(errors), 4),
             "worst_abs_error": round(max(errors), 4), "bound_median": SPEED_MEDIAN_BOUND,
-            "bound_worst": SPEED_WORST_BOUND}
+            "bound_worst": SPEED_WORST_BOUND,
+            **({"repeated_rows": len(repeats), "repeat_median_abs_error": round(statistics.median(repeats), 4),
+                "repeat_worst_abs_error": round(max(repeats), 4),
+                "measurement_spread_median": round(statistics.median(spread), 4),
+                "measurement_spread_worst": round(max(spread), 4)} if repeats else {})}
 
 
 def format_table(rows: list[dict]) -> str:

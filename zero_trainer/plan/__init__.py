@@ -119,21 +119,23 @@ from .shapes import (
     zero_ranks,
 )
 from .speed import (
+    COEFFICIENTS,
     COMM_OVERLAP,
-    ELEMENTWISE_PASSES,
-    MICRO_OVERHEAD_S,
-    STEP_OVERHEAD_S,
     StepTime,
+    cpu_share,
     flops_per_token,
     human_time,
     matmul_params,
+    param_modules,
+    step_features,
     step_time,
 )
 
 __all__ = [
     "Corrections", "History", "Observation", "corrected", "corrected_speed", "corrections", "read_history",
-    "OBJECTIVES", "plan_memory", "probe_for", "with_speeds", "COMM_OVERLAP", "ELEMENTWISE_PASSES", "MICRO_OVERHEAD_S",
-    "STEP_OVERHEAD_S", "StepTime", "flops_per_token", "human_time", "matmul_params", "step_time",
+    "OBJECTIVES", "plan_memory", "probe_for", "with_speeds", "COMM_OVERLAP", "COEFFICIENTS",
+    "StepTime", "step_features", "cpu_share", "param_modules", "flops_per_token", "human_time", "matmul_params",
+    "step_time",
     "Hardware",
     "PRESETS",
     "physical_memory_bytes",

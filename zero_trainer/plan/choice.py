@@ -459,8 +459,8 @@ def with_speeds(plan: Plan, probe) -> Plan:
     for c in plan.candidates:
         if c.fits:
             wl = dataclasses.replace(plan.workload, tiled_mlp=c.tiled_mlp, tiled_loss=c.tiled_loss)
-            c.speed = corrected_speed(step_time(plan.model, c.rung, plan.hardware.world_size, plan.hardware.cpu_only,
-                                                wl, c.activation_checkpointing, probe), plan.corrections)
+            c.speed = corrected_speed(step_time(plan.model, c.rung, plan.hardware, wl, c.activation_checkpointing,
+                                                probe), plan.corrections)
     return plan
 
 

@@ -31,13 +31,21 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..hardware import Hardware
 from .knobs import Rung
 from .shapes import ModelShape, Workload
 
-# Fitted on this repo's runs (bench/plan_calibration.py, speed columns); see the module docstring.
-ELEMENTWISE_PASSES = 6  # bytes of activations and logits read or written per byte saved, forward + backward
-STEP_OVERHEAD_S = 0.02  # per optimizer step: the engine's step, the loop, the metrics all-reduce
-MICRO_OVERHEAD_S = 0.01  # per micro-step: Python and DeepSpeed hooks around forward and backward
+# Each term's coefficient: seconds = Σ coefficient × feature (step_features). optimizer, offload and gather are
+# the probe's own rates (1: physical, not fitted); the rest were fitted by least squares on relative error over 57
+# calibration runs on this 2-core CPU (debug, minimind-26m, minimind-104m; every rung, 1 and 2 ranks; minimind-26m
+# measured twice), bench/results/plan_calibration.json: compute 2.35 (the probe's GEMMs run 2.35x faster than a
+# training step's mix of shapes, transposes and small tensors), elementwise 22.8 passes over the saved bytes,
+# allreduce 0.36 (DeepSpeed's shared-memory all-reduce beats the gloo one the probe timed), ops 0 (the probed
+# small-message latency times DeepSpeed's collective count over-counts: stage 3's per-module fetches are `zero3`,
+# 0.69 ms each), stage2 65 ms a micro-step over several ranks, nvme 0.54 (the probe's O_DIRECT reads are slower than
+# DeepSpeed's overlapped aio), micro and step 7.9 ms each.
+COEFFICIENTS = {"compute": 2.35, "elementwise": 22.8, "allreduce": 0.36, "gather": 1.0, "ops": 0.0, "zero3": 6.85e-4,
+                "stage2": 0.065, "optimizer": 1.0, "offload": 1.0, "nvme": 0.54, "micro": 0.0079, "step": 0.0079}
 COMM_OVERLAP = 0.5  # the share of ZeRO's communication hidden behind compute on a GPU (none on CPU: gloo)
 
 
@@ -80,42 +88,70 @@ def _ring(bytes_: float, ranks: int, rate: float, all_reduce: bool) -> float:
     return (2 if all_reduce else 1) * (ranks - 1) / ranks * bytes_ / rate
 
 
-def step_time(shape: ModelShape, rung: Rung, world_size: int, cpu_only: bool, workload: Workload,
-              checkpointing: bool, probe) -> StepTime:
-    """Seconds per optimizer step of one rank (all ranks take as long: they synchronise every step)."""
+def param_modules(shape: ModelShape) -> int:
+    """Modules holding parameters (what ZeRO-3 fetches and releases one by one): per layer 2 norms, q, k, v, o and the
+    three MLP projections (a MoE's router and experts); the embedding, the final norm, an untied head."""
+    per_layer = 9 if not shape.experts else 9
+    return shape.layers * per_layer + 2 + (0 if shape.tied_embeddings else 1)
+
+
+def cpu_share(hw: Hardware, probe) -> float:
+    """The part of the probed rates one rank gets: on a CPU the ranks of a node split its cores (trainer.set_cpu_threads
+    gives each cores / ranks threads; the probe ran with all of them), on a GPU each rank has its own."""
+    if not hw.cpu_only:
+        return 1.0
+    threads = probe.torch_threads or 1
+    return max(1, threads // max(hw.gpus_per_node, 1)) / threads
+
+
+def step_features(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool,
+                  probe) -> dict:
+    """Each term's seconds before its fitted coefficient (COEFFICIENTS), from FLOPs, bytes and the probed rates."""
     s, b, m = workload.local_seq_len, workload.micro_batch, max(workload.micro_batches, 1)
     tp, sp, pp = workload.tp, workload.sp, workload.pp
     w = workload.weight_bytes
-    dtype = workload.precision if workload.precision in ("fp32", "bf16", "fp16") else "bf16"
+    dtype = workload.precision if any(r.dtype == workload.precision for r in probe.matmul_flops_per_s) else "fp32"
     t = s * b  # tokens a rank runs per micro-step
     h, f, V, L = shape.hidden, shape.ffn, shape.vocab, shape.layers
-    rate = probe.matmul_rate(dtype if any(r.dtype == dtype for r in probe.matmul_flops_per_s) else "fp32",
-                             t, h, max(f // tp, 1))
+    share = cpu_share(hw, probe)
+    rate = probe.matmul_rate(dtype, t, h, max(f // tp, 1)) * share
     flops = flops_per_token(shape, workload.seq_len, checkpointing) * t / (tp * pp)
-    # a rank with Ulysses runs s/sp tokens through every layer, but attention over the whole sequence (heads / sp)
-    terms = {"compute": m * flops / rate}
+    x = {"compute": m * flops / rate}
     saved = t * (8 * h + 6 * w * h + 4 * w * f / tp) * L / pp + t * 12 * V / pp  # activations and logits
-    terms["elementwise"] = m * ELEMENTWISE_PASSES * saved / probe.host_memory_bytes_per_s
-    N = world_size // (tp * pp)  # zero_ranks: ZeRO partitions over a stage's data-parallel ranks, × sp
+    x["elementwise"] = m * saved / (probe.host_memory_bytes_per_s * share)
+    N = hw.world_size // (tp * pp)  # zero_ranks: ZeRO partitions over a stage's data-parallel ranks (× sp)
     psi = shape.params / (tp * pp)
     grad_bytes = psi * (4 if workload.precision == "fp32" else 2)
     ar, ag = probe.allreduce_bytes_per_s, probe.allgather_bytes_per_s or probe.allreduce_bytes_per_s
+    latency = probe.allreduce_latency_s or 0.0
+    modules = param_modules(shape) / pp
+    # DeepSpeed on CPU all-reduces through its shared-memory op (deepspeed_shm_comm), gathers and scatters through
+    # gloo: two features, each over its probed rate (the fit finds what the shm path costs beside gloo's)
     if rung.stage <= 1:
-        comm = _ring(grad_bytes, N, ar, all_reduce=True)
+        allreduce, gather, ops = _ring(grad_bytes, N, ar, True), (rung.stage == 1) * _ring(w * psi, N, ag, False), 1
     elif rung.stage == 2:
-        comm = m * _ring(grad_bytes, N, ar, all_reduce=False) + _ring(w * psi, N, ag, all_reduce=False)
+        allreduce = 0.0
+        gather = m * _ring(grad_bytes, N, ag, False) + _ring(w * psi, N, ag, False)
+        ops = m * max(1, grad_bytes // max(rung.zero.get("reduce_bucket_size") or 5e8, 1)) + 1
     else:
-        comm = m * (2 * _ring(w * psi, N, ag, all_reduce=False) + _ring(grad_bytes, N, ar, all_reduce=False))
-    terms["comm"] = comm * (1 if cpu_only else 1 - COMM_OVERLAP)
+        allreduce = 0.0
+        gather = m * (2 * _ring(w * psi, N, ag, False) + _ring(grad_bytes, N, ag, False))
+        ops = m * 3 * modules  # each module gathered forward and backward, its gradient reduced
+    overlap = 1 if hw.cpu_only else 1 - COMM_OVERLAP
+    x["allreduce"], x["gather"] = overlap * allreduce, overlap * gather
+    x["ops"] = overlap * ops * latency if N > 1 else 0.0
+    # stage 2 over several ranks: each micro-step's gradients copied into reduce buckets and reduced as they come
+    # (overlap_comm), a cost per micro-step beside the bytes
+    x["stage2"] = m * (rung.stage == 2 and N > 1)
+    x["zero3"] = m * 2 * modules * (rung.stage == 3)  # fetch + release bookkeeping a module, forward and backward
     updated = psi if rung.stage == 0 else psi / max(N, 1)
-    terms["optimizer"] = updated * (probe.cpu_adam_s_per_param or probe.adamw_s_per_param)
-    offload = 0.0
+    x["optimizer"] = updated * (probe.cpu_adam_s_per_param or probe.adamw_s_per_param) / share
+    moved = 0.0
     if rung.offload_optimizer != "none" or rung.offload_param != "none":
-        moved = 2 * w * updated  # gradients down, weights up
-        copy = (probe.d2h_pageable_bytes_per_s or probe.host_memory_bytes_per_s) if not cpu_only else \
-            probe.host_memory_bytes_per_s / 2  # a host copy reads and writes
-        offload = moved / copy
-    terms["offload"] = offload
+        moved = 2 * w * updated + 4 * updated  # gradients down and weights up, the fp32 gradient partition
+    copy = (probe.d2h_pageable_bytes_per_s or probe.host_memory_bytes_per_s) if not hw.cpu_only else \
+        probe.host_memory_bytes_per_s * share / 2  # a host copy reads and writes
+    x["offload"] = moved / copy
     nvme = 0.0
     if rung.uses_nvme:
         read, write = probe.disk_read_bytes_per_s or 1e9, probe.disk_write_bytes_per_s or 1e9
@@ -123,7 +159,7 @@ def step_time(shape: ModelShape, rung: Rung, world_size: int, cpu_only: bool, wo
             nvme += 16 * updated / read + 16 * updated / write
         if rung.offload_param == "nvme":
             nvme += m * 2 * w * psi / max(N, 1) / read
-    terms["nvme"] = nvme
+    x["nvme"] = nvme
     parallel = 0.0
     if tp > 1:
         parallel += m * _ring(4 * L * t * h * w, tp, ar, all_reduce=True)
@@ -131,12 +167,27 @@ def step_time(shape: ModelShape, rung: Rung, world_size: int, cpu_only: bool, wo
         parallel += m * 8 * L * t * h * w * (sp - 1) / sp / (ag or 1)
     if pp > 1:
         parallel += 2 * m * t * h * w / (ag or 1)  # each micro-batch's activation forward, its gradient back
-    terms["parallel"] = parallel
-    busy = terms["compute"] + terms["elementwise"]
-    terms["bubble"] = busy * (pp - 1) / m if pp > 1 else 0.0
-    terms["fixed"] = STEP_OVERHEAD_S + m * MICRO_OVERHEAD_S + (probe.step_overhead_s or 0)
-    dp = world_size // (tp * sp * pp)
-    return StepTime(sum(terms.values()), terms, tokens=workload.seq_len * b * m * dp)
+    x["parallel"] = parallel
+    x["micro"] = m
+    x["step"] = 1
+    return x
+
+
+def step_time(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, checkpointing: bool,
+              probe) -> StepTime:
+    """Seconds per optimizer step of one rank (all ranks take as long: they synchronise every step)."""
+    x = step_features(shape, rung, hw, workload, checkpointing, probe)
+    c = COEFFICIENTS
+    terms = {"compute": c["compute"] * x["compute"], "elementwise": c["elementwise"] * x["elementwise"],
+             "comm": c["allreduce"] * x["allreduce"] + c["gather"] * x["gather"] + c["ops"] * x["ops"],
+             "zero3": c["zero3"] * x["zero3"] + c["stage2"] * x["stage2"],
+             "optimizer": c["optimizer"] * x["optimizer"], "offload": c["offload"] * x["offload"],
+             "nvme": c["nvme"] * x["nvme"], "parallel": c["gather"] * x["parallel"]}
+    m, pp = max(workload.micro_batches, 1), workload.pp
+    terms["bubble"] = (terms["compute"] + terms["elementwise"]) * (pp - 1) / m if pp > 1 else 0.0
+    terms["fixed"] = c["micro"] * x["micro"] + c["step"] * x["step"]
+    dp = hw.world_size // (workload.tp * workload.sp * pp)
+    return StepTime(sum(terms.values()), terms, tokens=workload.seq_len * workload.micro_batch * m * dp)
 
 
 def with_micro_batch(workload: Workload, micro_batch: int) -> Workload:
