@@ -425,3 +425,41 @@ def test_calibration_holds_live(engine_runs):
     summary = engine_runs["calibration", 1]
     row = cal.make_row("debug", "zero2", 1, "bf16", False, "", cal.SEQ_LEN, cal.MICRO_BATCH, summary, None)
     assert abs(row["ratio"] - 1) <= cal.BOUND, row
+    # the run reports the step time it measured beside the one its plan predicted from this machine's probe
+    # (make install probes the machine; without a cached probe there is no prediction to check)
+    from zero_trainer.probe import load_cached
+
+    if load_cached() is not None:
+        assert summary["plan"]["predicted_step_s"] > 0 and summary["step_s"] > 0
+        assert summary["plan"]["probe"]["device"] == "cpu"
+
+
+def test_committed_step_times_are_the_model_s_and_within_the_median_bound():
+    """The speed columns: every row's predicted step time is what plan.step_time gives now, from the probe stored
+    beside the rows (so the committed figures do not move with this machine's noise); median |error| ≤ 15% on both
+    measurements, the repeated rows' spread recorded; predicted gaps over 20% order the rungs as measured."""
+    from zero_trainer.probe import Probe
+
+    cal = calibration_module()
+    doc = json.loads(Path(cal.RESULTS).read_text())
+    probe = Probe.from_dict(doc["probe"])
+    timed = [r for r in doc["rows"] if "speed_ratio" in r]
+    assert len(timed) >= 40 and {r["rung"] for r in timed} >= set(cal.RUNGS)
+    for r in timed:
+        predicted = cal.predict_speed(r["model"], r["rung"], r["world_size"], r["precision"],
+                                      r["activation_checkpointing"], r.get("parallel", ""), r.get("seq_len", 128),
+                                      r.get("micro_batch", 4), r.get("sized"), probe)
+        assert predicted == pytest.approx(r["predicted_step_s"], abs=1e-4), r
+    speed = doc["speed"]
+    assert speed["median_abs_error"] <= cal.SPEED_MEDIAN_BOUND
+    assert speed["repeat_median_abs_error"] <= cal.SPEED_MEDIAN_BOUND and speed["repeated_rows"] >= 10
+    pairs = agree = 0
+    for a, b in itertools.combinations([r for r in timed if not r.get("parallel")], 2):
+        if (a["model"], a["world_size"], a["activation_checkpointing"]) != (
+                b["model"], b["world_size"], b["activation_checkpointing"]):
+            continue
+        pa, pb = a["predicted_step_s"], b["predicted_step_s"]
+        if max(pa, pb) / min(pa, pb) > 1.2:
+            mean = lambda r: (r["measured_step_s"] + r.get("measured_step_s_repeat", r["measured_step_s"])) / 2  # noqa
+            pairs, agree = pairs + 1, agree + ((pa < pb) == (mean(a) < mean(b)))
+    assert pairs >= 20 and agree / pairs >= 0.9, (agree, pairs)

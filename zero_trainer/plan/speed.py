@@ -36,16 +36,19 @@ from .knobs import Rung
 from .shapes import ModelShape, Workload
 
 # Each term's coefficient: seconds = Σ coefficient × feature (step_features). optimizer, offload and gather are
-# the probe's own rates (1: physical, not fitted); the rest were fitted by least squares on relative error over 57
-# calibration runs on this 2-core CPU (debug, minimind-26m, minimind-104m; every rung, 1 and 2 ranks; minimind-26m
-# measured twice), bench/results/plan_calibration.json: compute 2.35 (the probe's GEMMs run 2.35x faster than a
-# training step's mix of shapes, transposes and small tensors), elementwise 22.8 passes over the saved bytes,
-# allreduce 0.36 (DeepSpeed's shared-memory all-reduce beats the gloo one the probe timed), ops 0 (the probed
-# small-message latency times DeepSpeed's collective count over-counts: stage 3's per-module fetches are `zero3`,
-# 0.69 ms each), stage2 65 ms a micro-step over several ranks, nvme 0.54 (the probe's O_DIRECT reads are slower than
-# DeepSpeed's overlapped aio), micro and step 7.9 ms each.
-COEFFICIENTS = {"compute": 2.35, "elementwise": 22.8, "allreduce": 0.36, "gather": 1.0, "ops": 0.0, "zero3": 6.85e-4,
-                "stage2": 0.065, "optimizer": 1.0, "offload": 1.0, "nvme": 0.54, "micro": 0.0079, "step": 0.0079}
+# the probe's own rates (1: physical, not fitted); the rest were fitted by least squares on relative error over
+# this 2-core CPU's calibration runs (bench/results/plan_calibration.json: debug, minimind-26m, minimind-104m, every
+# rung at 1 and 2 ranks, minimind-26m measured twice): compute 2.35 in bf16 (the probe's bf16 GEMMs run 2.35x faster
+# than a training step's mix of shapes, transposes and small tensors) and compute_fp32 1.06 in fp32 (fitted on the
+# fp32 rows alone, the rest held); elementwise 22.8
+# passes over the saved bytes; allreduce 0.36 (DeepSpeed's shared-memory all-reduce beats the gloo one the probe
+# timed); ops 0 (the probed small-message latency times DeepSpeed's collective count over-counts: stage 3's
+# per-module fetches are `zero3`, 0.69 ms each); stage2 62 ms a micro-step over several ranks and stage2_bytes 7.85
+# passes over its gradient bytes at any world size (fitted on the stage-2 rows alone); nvme 0.54 (the
+# probe's O_DIRECT reads are slower than DeepSpeed's overlapped aio); micro and step 7.9 ms each.
+COEFFICIENTS = {"compute": 2.35, "compute_fp32": 1.06, "elementwise": 22.8, "allreduce": 0.36, "gather": 1.0,
+                "ops": 0.0, "zero3": 6.85e-4, "stage2": 0.062, "stage2_bytes": 7.85, "optimizer": 1.0, "offload": 1.0,
+                "nvme": 0.54, "micro": 0.0079, "step": 0.0079}
 COMM_OVERLAP = 0.5  # the share of ZeRO's communication hidden behind compute on a GPU (none on CPU: gloo)
 
 
@@ -143,6 +146,8 @@ def step_features(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workloa
     # stage 2 over several ranks: each micro-step's gradients copied into reduce buckets and reduced as they come
     # (overlap_comm), a cost per micro-step beside the bytes
     x["stage2"] = m * (rung.stage == 2 and N > 1)
+    # and at any world size, its gradients copied into contiguous buffers and averaged, per micro-step and byte
+    x["stage2_bytes"] = m * grad_bytes * (rung.stage == 2) / (probe.host_memory_bytes_per_s * share)
     x["zero3"] = m * 2 * modules * (rung.stage == 3)  # fetch + release bookkeeping a module, forward and backward
     updated = psi if rung.stage == 0 else psi / max(N, 1)
     x["optimizer"] = updated * (probe.cpu_adam_s_per_param or probe.adamw_s_per_param) / share
@@ -178,9 +183,11 @@ def step_time(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, c
     """Seconds per optimizer step of one rank (all ranks take as long: they synchronise every step)."""
     x = step_features(shape, rung, hw, workload, checkpointing, probe)
     c = COEFFICIENTS
-    terms = {"compute": c["compute"] * x["compute"], "elementwise": c["elementwise"] * x["elementwise"],
+    # the probe's fp32 GEMMs are what training gets; its bf16 ones (AMX, tight loops) run well beyond training's mix
+    compute = c["compute_fp32"] if workload.precision == "fp32" else c["compute"]
+    terms = {"compute": compute * x["compute"], "elementwise": c["elementwise"] * x["elementwise"],
              "comm": c["allreduce"] * x["allreduce"] + c["gather"] * x["gather"] + c["ops"] * x["ops"],
-             "zero3": c["zero3"] * x["zero3"] + c["stage2"] * x["stage2"],
+             "zero3": c["zero3"] * x["zero3"] + c["stage2"] * x["stage2"] + c["stage2_bytes"] * x["stage2_bytes"],
              "optimizer": c["optimizer"] * x["optimizer"], "offload": c["offload"] * x["offload"],
              "nvme": c["nvme"] * x["nvme"], "parallel": c["gather"] * x["parallel"]}
     m, pp = max(workload.micro_batches, 1), workload.pp
