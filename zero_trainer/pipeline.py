@@ -41,7 +41,7 @@ class _StageCache:
 
 
 class EmbeddingPipe(nn.Module):
-    """(input_ids, position_ids) -> (hidden, position_ids). Tied, the last stage's copy is the head (`head`)."""
+    """(input_ids, position_ids) -> (hidden, position_ids). Tied, the last stage's copy is the head (`tied_head`)."""
 
     def __init__(self, source: nn.Embedding):
         super().__init__()
