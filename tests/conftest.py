@@ -360,6 +360,13 @@ def read_summary(out: Path) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def assert_resumed_exactly(resumed: dict, whole: dict, step: int) -> None:
+    """A run stopped at `step` and resumed equals the same run without stopping: bit for bit."""
+    assert resumed["resumed_from"].endswith(f"step_{step:08d}")
+    assert resumed["losses"] == whole["losses"]
+    assert resumed["eval_loss"] == whole["eval_loss"]
+
+
 def assert_losses_close(got, want, tol):
     assert len(got) == len(want), (len(got), len(want))
     worst = max(abs(a - b) for a, b in zip(got, want, strict=True))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEPS, assert_losses_close, fork_run, run_cli
+from conftest import STEPS, assert_losses_close, assert_resumed_exactly, fork_run, run_cli
 
 from zero_trainer.errors import UsageError
 from zero_trainer.parallelize import Layout, sequence_slice
@@ -32,9 +32,7 @@ def test_tensor_parallel_follows_the_one_rank_run(name, engine_runs):
 @pytest.mark.multiproc
 def test_tensor_parallel_resume_is_exact(engine_runs):
     resumed, whole = engine_runs["tp2_zero1", "parallel"], engine_runs["tp2_zero1_whole", "parallel"]
-    assert resumed["resumed_from"].endswith("step_00000006")
-    assert resumed["losses"] == whole["losses"]
-    assert resumed["eval_loss"] == whole["eval_loss"]
+    assert_resumed_exactly(resumed, whole, 6)
 
 
 @pytest.mark.multiproc

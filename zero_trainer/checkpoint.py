@@ -280,15 +280,20 @@ def to_universal(ckpt: Path) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    run_ds_to_universal(ckpt, out)
+    _atomic_write(out / COMPLETE, ckpt.name + "\n")
+    _atomic_write(out.parent / "latest_universal", ckpt.name)
+    return out
+
+
+def run_ds_to_universal(ckpt: Path, out) -> None:
+    """DeepSpeed's ds_to_universal of `ckpt` into `out`, in a subprocess; its last line as the error on failure."""
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
            "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"ds_to_universal failed on {ckpt}: {tail[0]}")
-    _atomic_write(out / COMPLETE, ckpt.name + "\n")
-    _atomic_write(out.parent / "latest_universal", ckpt.name)
-    return out
 
 
 def load(engine, ckpt: Path, universal_dir: Path | None) -> dict:

@@ -53,11 +53,10 @@ def gather_pipeline(ckpt: Path, zero_stage: int, model_config: dict) -> dict:
     per pipeline layer (layer_XX-model_states.pt, no partitions), at stage 1 the fp32 masters through DeepSpeed's
     universal conversion (zero_to_fp32 cannot read pipeline checkpoints), into a temporary folder."""
     import re
-    import subprocess
-    import sys
 
     import torch
 
+    from .checkpoint import run_ds_to_universal
     from .pipeline import to_hf_name
 
     layers, tied = model_config["num_hidden_layers"], model_config.get("tie_word_embeddings", True)
@@ -70,12 +69,7 @@ def gather_pipeline(ckpt: Path, zero_stage: int, model_config: dict) -> dict:
                 weights[hf] = tensor.float()
         return weights
     with tempfile.TemporaryDirectory(prefix="zero_trainer_export_") as tmp:
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-               "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"ds_to_universal failed on {ckpt}: {tail[0]}")
+        run_ds_to_universal(ckpt, tmp)
         for folder in sorted(Path(tmp, "zero").iterdir()):
             if (folder / "fp32.pt").is_file():
                 hp = torch.load(folder / "fp32.pt", map_location="cpu", weights_only=False)

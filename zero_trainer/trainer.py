@@ -277,10 +277,10 @@ def train_step(run: Run) -> float:
 def evaluate(run: Run) -> float:
     """Loss per target over held-out rows (each batch's mean weighted by its targets); each data-parallel group
     reads its own rows, every rank runs the same forwards (whole sequences: Ulysses steps aside in eval mode)."""
-    train, layout = run.recipe.train, run.layout
-    weighted = count = 0.0
     if run.pipeline:
         return evaluate_pipeline(run)
+    train, layout = run.recipe.train, run.layout
+    weighted = count = 0.0
     run.engine.eval()
     for b in range(train.eval_batches):
         ids, positions, targets = run.batch("eval", eval_indices(b, train.micro_batch, layout.dp_rank, layout.dp,

@@ -27,7 +27,6 @@ over, w the bytes of a weight):
 Nothing here decides what fits: the memory model does. `objective: speed` ranks the fitting candidates by tokens/s.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -93,9 +92,9 @@ def _ring(bytes_: float, ranks: int, rate: float, all_reduce: bool) -> float:
 
 def param_modules(shape: ModelShape) -> int:
     """Modules holding parameters (what ZeRO-3 fetches and releases one by one): per layer 2 norms, q, k, v, o and the
-    three MLP projections (a MoE's router and experts); the embedding, the final norm, an untied head."""
-    per_layer = 9 if not shape.experts else 9
-    return shape.layers * per_layer + 2 + (0 if shape.tied_embeddings else 1)
+    three MLP projections (a MoE layer counted the same: its router and fused experts are fewer modules, close
+    enough); the embedding, the final norm, an untied head."""
+    return shape.layers * 9 + 2 + (0 if shape.tied_embeddings else 1)
 
 
 def cpu_share(hw: Hardware, probe) -> float:
@@ -195,10 +194,6 @@ def step_time(shape: ModelShape, rung: Rung, hw: Hardware, workload: Workload, c
     terms["fixed"] = c["micro"] * x["micro"] + c["step"] * x["step"]
     dp = hw.world_size // (workload.tp * workload.sp * pp)
     return StepTime(sum(terms.values()), terms, tokens=workload.seq_len * workload.micro_batch * m * dp)
-
-
-def with_micro_batch(workload: Workload, micro_batch: int) -> Workload:
-    return dataclasses.replace(workload, micro_batch=micro_batch)
 
 
 def human_time(seconds: float) -> str:
